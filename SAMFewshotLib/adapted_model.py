@@ -1,0 +1,129 @@
+"""An adapted model: the fine-tuned decoder plus its target embeddings, in one safetensors file.
+
+The file's metadata holds a JSON header (format version, the base model's identity, labels and names,
+preprocessing, slice axis, training settings) so that applying it to another volume reproduces the
+preprocessing, and applying it on a different base model is refused. safetensors holds only tensors, so
+loading an adapted model can never run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .errors import CheckpointError
+from .fewshot_decoder import FewShotMaskDecoder
+from .intensity import IntensityWindow
+from .models import SamModel
+
+FORMAT = "samfewshot-adapted-model"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class AdaptedModel:
+    """Everything needed to segment new volumes with an adapted decoder."""
+
+    model_identity: str  # SamModel.identity of the base model
+    decoder_state: dict[str, torch.Tensor]
+    targets: dict[int, torch.Tensor]  # label -> (M, 256) target embeddings
+    label_names: dict[int, str]
+    axis_name: str  # anatomical axis the decoder was adapted on
+    window: IntensityWindow = field(default_factory=IntensityWindow)
+    settings: dict = field(default_factory=dict)
+    version: str = __version__
+
+    @property
+    def model_kind(self) -> str:
+        return self.model_identity.split(":")[0]
+
+    @classmethod
+    def from_decoder(cls, model: SamModel, decoder: FewShotMaskDecoder, targets, label_names, axis_name, window,
+                     settings) -> AdaptedModel:
+        return cls(
+            model_identity=model.identity,
+            decoder_state={k: v.detach().to("cpu", torch.float32).clone() for k, v in decoder.state_dict().items()},
+            targets={int(k): v.detach().to("cpu", torch.float32).clone() for k, v in targets.items()},
+            label_names={int(k): str(v) for k, v in label_names.items()},
+            axis_name=axis_name,
+            window=window,
+            settings=dict(settings),
+        )
+
+    def build_decoder(self, model: SamModel) -> FewShotMaskDecoder:
+        """The decoder on ``model``'s device; refuses a base model other than the one adapted from."""
+        if model.identity != self.model_identity:
+            raise CheckpointError(
+                f"this adapted model was made from base model {self.model_identity}, not {model.identity}; "
+                f"apply it with the same base model (--model {self.model_kind}{':PATH' if self.model_kind != 'lite-medsam' else ''})."
+            )
+        decoder = FewShotMaskDecoder(model)
+        decoder.load_state_dict(self.decoder_state, strict=True)
+        return decoder.to(model.device).eval()
+
+    def header(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "samfewshot_version": self.version,
+            "model_identity": self.model_identity,
+            "labels": {str(k): self.label_names.get(k, f"label {k}") for k in sorted(self.targets)},
+            "axis": self.axis_name,
+            "window": {"low": self.window.low, "high": self.window.high, "percentiles": list(self.window.percentiles)},
+            "settings": self.settings,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically to ``path`` (.safetensors recommended)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"decoder.{k}": v.contiguous() for k, v in self.decoder_state.items()}
+        tensors.update({f"targets.{k}": v.contiguous() for k, v in self.targets.items()})
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            save_file(tensors, str(temporary), metadata={"samfewshot": json.dumps(self.header())})
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> AdaptedModel:
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"adapted model {path}: no such file.")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            header = json.loads(metadata["samfewshot"])
+        except (SafetensorError, OSError, KeyError, json.JSONDecodeError, ValueError) as error:
+            raise CheckpointError(
+                f"adapted model {path}: not a SAMFewshot adapted model, or the file is truncated or corrupt ({error}). "
+                "Make one with 'samfewshot train'."
+            ) from None
+        if header.get("format") != FORMAT:
+            raise CheckpointError(f"adapted model {path}: not a SAMFewshot adapted model.")
+        if int(header.get("format_version", -1)) > FORMAT_VERSION:
+            raise CheckpointError(
+                f"adapted model {path}: format version {header['format_version']} is newer than this SAMFewshot "
+                f"reads ({FORMAT_VERSION}); update SAMFewshot."
+            )
+        window = header.get("window", {})
+        return cls(
+            model_identity=header["model_identity"],
+            decoder_state={k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")},
+            targets={int(k[len("targets."):]): v for k, v in tensors.items() if k.startswith("targets.")},
+            label_names={int(k): v for k, v in header.get("labels", {}).items()},
+            axis_name=header.get("axis", "axial"),
+            window=IntensityWindow(window.get("low"), window.get("high"), tuple(window.get("percentiles", (0.5, 99.5)))),
+            settings=header.get("settings", {}),
+            version=header.get("samfewshot_version", "?"),
+        )

@@ -1,0 +1,201 @@
+"""The ``samfewshot`` command line: segment, train, apply.
+
+    samfewshot segment IMAGE LABELS -o OUTPUT [--model lite-medsam|vit_b:PATH|vit_l:PATH|vit_h:PATH]
+                       [--device auto|cpu|cuda] [--axis auto|axial|coronal|sagittal] [--cache-dir DIR] [--seed N]
+    samfewshot train --image A --labels A_LABELS [--image B --labels B_LABELS ...] -o MODEL
+    samfewshot apply MODEL IMAGE -o OUTPUT
+
+Progress goes to stderr (silenced by --quiet); what was found and written goes to stdout. Exit status 0 on
+success, 1 with a one-line error for anything the user can fix, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from . import __version__
+from .errors import Cancelled, SAMFewshotError
+
+log = logging.getLogger("samfewshot")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="samfewshot",
+        description="Segment a whole CT/MRI volume from a few painted slices with a few-shot adapted SAM.",
+    )
+    parser.add_argument("--version", action="version", version=f"samfewshot {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{segment,train,apply}")
+
+    def common(sub: argparse.ArgumentParser, axis_default: str = "auto") -> None:
+        sub.add_argument("--model", default="lite-medsam",
+                         help="lite-medsam (embedded, default) or vit_b:PATH, vit_l:PATH, vit_h:PATH (SAM checkpoint)")
+        sub.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+        sub.add_argument("--axis", default=axis_default,
+                         help="auto, axial, coronal or sagittal: the axis of the painted slices")
+        sub.add_argument("--cache-dir", default=None,
+                         help="where slice embeddings are cached (default: $SAMFEWSHOT_CACHE_DIR or the user cache)")
+        sub.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    def adaptation(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--seed", type=int, default=0, help="random seed (training is deterministic under it)")
+        sub.add_argument("--window", default="auto",
+                         help="intensity window: auto (robust percentiles), ct-soft-tissue, ct-bone or LOW,HIGH")
+        sub.add_argument("--iterations", type=int, default=None,
+                         help="fine-tuning iterations (default: 50/80/100 for 5/20/50 painted slices)")
+
+    segment = commands.add_parser("segment", help="propagate painted slices to the whole volume")
+    segment.add_argument("image", help="the volume (NIfTI, NRRD, MHA, ... or a DICOM series folder)")
+    segment.add_argument("labels", help="label map in the image's geometry, painted on a few slices (0 = background)")
+    segment.add_argument("-o", "--output", required=True, help="output label map (same geometry as the image)")
+    common(segment)
+    adaptation(segment)
+    segment.add_argument("--method", default="default", help="default, or seed (the paper's per-slice prediction)")
+    segment.add_argument("--save-model", default=None, help="also save the adapted model to this file")
+
+    train = commands.add_parser("train", help="adapt on painted slices of one or more volumes; save the model")
+    train.add_argument("--image", action="append", required=True, help="a volume (repeat with --labels)")
+    train.add_argument("--labels", action="append", required=True, help="its painted label map (same order)")
+    train.add_argument("-o", "--output", required=True, help="adapted model file (.safetensors)")
+    common(train)
+    adaptation(train)
+
+    apply = commands.add_parser("apply", help="segment a volume with a saved adapted model")
+    apply.add_argument("model_file", metavar="MODEL", help="adapted model from 'samfewshot train' or --save-model")
+    apply.add_argument("image", help="the volume to segment")
+    apply.add_argument("-o", "--output", required=True, help="output label map")
+    common(apply, axis_default="auto")
+    apply.set_defaults(model=None)
+    return parser
+
+
+class Progress:
+    """One tqdm bar per stage on stderr."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage or self.bar is None or total != self.bar.total:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=stage, unit="slice" if stage != "adapting" else "it", file=sys.stderr,
+                            leave=False, dynamic_ncols=True)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="samfewshot: warning: %(message)s", stream=sys.stderr)
+    progress = Progress(args.quiet)
+    try:
+        return {"segment": _segment, "train": _train, "apply": _apply}[args.command](args, progress)
+    except Cancelled as error:
+        print(f"samfewshot: {error}", file=sys.stderr)
+        return 130
+    except SAMFewshotError as error:
+        progress.close()
+        print(f"samfewshot: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        progress.close()
+        print("samfewshot: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+    except MemoryError:
+        progress.close()
+        print("samfewshot: error: out of memory; close other programs or use a smaller volume.", file=sys.stderr)
+        return 1
+    except Exception as error:  # an unexpected fault: one line, the traceback only on request
+        progress.close()
+        if os.environ.get("SAMFEWSHOT_DEBUG"):
+            raise
+        print(f"samfewshot: internal error: {type(error).__name__}: {error} (set SAMFEWSHOT_DEBUG=1 for details; "
+              "please report it)", file=sys.stderr)
+        return 1
+    finally:
+        progress.close()
+
+
+def _segment(args, progress: Progress) -> int:
+    from .pipeline import segment_volume
+    from .volume_io import check_output_path, read_label_map, read_volume, write_label_map
+
+    inputs = [args.image, args.labels] + ([args.save_model] if args.save_model else [])
+    output = check_output_path(args.output, inputs[:2])
+    if args.save_model:
+        check_output_path(args.save_model, inputs[:2] + [args.output])
+    image = read_volume(args.image)
+    labels = read_label_map(args.labels, image)
+    started = time.perf_counter()
+    result = segment_volume(image, labels.array, model=args.model, device=args.device, axis=args.axis,
+                            cache_dir=args.cache_dir, seed=args.seed, method=args.method, window=args.window,
+                            iterations=args.iterations, progress=progress)
+    progress.close()
+    print(f"found {result.painted.describe()}")
+    write_label_map(result.labels, image, output)
+    if args.save_model:
+        result.adapted.save(args.save_model)
+        print(f"saved adapted model to {args.save_model}")
+    cached = result.painted and result.encoded_slices == 0
+    print(f"wrote {output} ({time.perf_counter() - started:.1f} s; encoded {result.encoded_slices} slices"
+          f"{', all embeddings from cache' if cached else ''})")
+    return 0
+
+
+def _train(args, progress: Progress) -> int:
+    from .pipeline import train_adapted_model
+    from .volume_io import check_output_path, read_label_map, read_volume
+
+    if len(args.image) != len(args.labels):
+        raise SAMFewshotError(f"give one --labels per --image ({len(args.image)} images, {len(args.labels)} label maps).")
+    output = check_output_path(args.output, args.image + args.labels)
+    pairs = []
+    for image_path, labels_path in zip(args.image, args.labels):
+        image = read_volume(image_path)
+        pairs.append((image, read_label_map(labels_path, image).array))
+    adapted = train_adapted_model(pairs, model=args.model, device=args.device, axis=args.axis,
+                                  cache_dir=args.cache_dir, seed=args.seed, window=args.window,
+                                  iterations=args.iterations, progress=progress)
+    progress.close()
+    adapted.save(output)
+    print(f"adapted on {adapted.settings['support_slices']} painted {adapted.axis_name} slices of "
+          f"{len(pairs)} volume(s), labels {', '.join(map(str, sorted(adapted.targets)))}; saved {output}")
+    return 0
+
+
+def _apply(args, progress: Progress) -> int:
+    from .adapted_model import AdaptedModel
+    from .pipeline import apply_adapted_model
+    from .volume_io import check_output_path, read_volume, write_label_map
+
+    output = check_output_path(args.output, [args.model_file, args.image])
+    adapted = AdaptedModel.load(args.model_file)
+    image = read_volume(args.image)
+    labels = apply_adapted_model(adapted, image, model=args.model, device=args.device, axis=args.axis,
+                                 cache_dir=args.cache_dir, progress=progress)
+    progress.close()
+    write_label_map(labels, image, output)
+    print(f"segmented {image.shape[0] if adapted.axis_name == 'axial' else ''} slices with {args.model_file}; "
+          f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Which slices the user painted, along which axis, and with which labels.
+
+Axes here are numpy axes of the ``(K, J, I)`` array (0 = K). Anatomical names come from the volume's
+direction matrix: the ITK axis whose direction is closest to L-R is sagittal, to P-A coronal, to I-S axial.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+
+AXIS_NAMES = ("sagittal", "coronal", "axial")  # indexed by the dominant LPS component (x, y, z)
+
+
+@dataclass(frozen=True)
+class PaintedSlices:
+    """The support set read off a sparse label map."""
+
+    axis: int  # numpy axis of the slices
+    axis_name: str  # "axial", "coronal" or "sagittal" (from the direction matrix)
+    indices: tuple[int, ...]  # sorted slice indices along ``axis`` that hold any label
+    label_values: tuple[int, ...]  # sorted non-zero label values found
+
+    def describe(self) -> str:
+        slices = ", ".join(str(i) for i in self.indices)
+        labels = ", ".join(str(v) for v in self.label_values)
+        return f"{len(self.indices)} painted {self.axis_name} slices (array axis {self.axis}): {slices}; labels {labels}"
+
+
+def anatomical_name(direction: np.ndarray, numpy_axis: int) -> str:
+    """Anatomical name of the slices taken along ``numpy_axis`` (3x3 ITK direction matrix)."""
+    column = np.asarray(direction, dtype=float).reshape(3, 3)[:, 2 - numpy_axis]
+    return AXIS_NAMES[int(np.argmax(np.abs(column)))]
+
+
+def numpy_axis_for(name: str, direction: np.ndarray) -> int:
+    """The numpy axis whose slices are ``name`` ("axial", "coronal", "sagittal") for this direction matrix."""
+    if name not in AXIS_NAMES:
+        raise InputError(f"unknown axis '{name}'; use auto, axial, coronal or sagittal.")
+    for axis in range(3):
+        if anatomical_name(direction, axis) == name:
+            return axis
+    raise InputError(f"this volume is so oblique that no array axis is clearly {name}; choose another axis.")
+
+
+def default_slice_axis(spacing: tuple[float, float, float]) -> int:
+    """The axis of largest voxel spacing; ties go to numpy axis 0 (the last ITK axis)."""
+    spacing_by_numpy_axis = np.asarray(spacing, dtype=float)[::-1]
+    return int(np.flatnonzero(spacing_by_numpy_axis >= spacing_by_numpy_axis.max() * (1 - 1e-6))[0])
+
+
+def find_painted_slices(
+    labels: np.ndarray,
+    spacing: tuple[float, float, float],
+    direction: np.ndarray,
+    axis: str | int = "auto",
+) -> PaintedSlices:
+    """Find the painted axis and slices of a sparse label map.
+
+    With ``axis="auto"`` the painted axis is the one along which the labelled planes leave gaps (the
+    slices between painted ones are empty), or failing that the one with clearly fewest labelled planes.
+    Raises InputError when nothing is painted or the painting is not along a single axis.
+    """
+    if labels.ndim != 3:
+        raise InputError(f"the label map is {labels.ndim}D; it must be a 3D volume like the image.")
+    occupied = [np.flatnonzero(np.any(labels != 0, axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+    if occupied[0].size == 0:
+        raise InputError("the label map is empty: paint the structure on a few slices (non-zero labels) first.")
+    if isinstance(axis, str) and axis != "auto":
+        chosen = numpy_axis_for(axis, direction)
+    elif isinstance(axis, int):
+        chosen = axis
+    else:
+        chosen = _detect_axis(occupied, spacing)
+    indices = tuple(int(i) for i in occupied[chosen])
+    values = np.unique(labels[labels != 0])
+    return PaintedSlices(
+        axis=chosen,
+        axis_name=anatomical_name(direction, chosen),
+        indices=indices,
+        label_values=tuple(int(v) for v in values),
+    )
+
+
+def _detect_axis(occupied: list[np.ndarray], spacing: tuple[float, float, float]) -> int:
+    counts = np.array([o.size for o in occupied])
+    spans = np.array([o[-1] - o[0] + 1 for o in occupied])
+    fill = counts / spans
+    with_gaps = np.flatnonzero(fill < 1)
+    if with_gaps.size:
+        # Spread painting leaves empty slices between painted ones; a structure split in two (left and right
+        # kidney) can leave a gap along another axis too, but a far smaller one.
+        best = with_gaps[np.argsort(fill[with_gaps], kind="stable")]
+        return int(best[0])
+    smallest = counts.min()
+    candidates = np.flatnonzero(counts == smallest)
+    if smallest == 1 or (len(candidates) == 1 and 2 * smallest <= np.sort(counts)[1]):
+        if len(candidates) == 1:
+            return int(candidates[0])
+        preferred = default_slice_axis(spacing)
+        return preferred if preferred in candidates else int(candidates[0])
+    raise InputError(
+        f"cannot tell which axis the slices were painted on (labelled planes per axis: {counts.tolist()}); "
+        "the labels look painted on more than one axis, or on many adjacent slices. Paint on one axis only, "
+        "or give the axis (--axis axial|coronal|sagittal)."
+    )

@@ -1,0 +1,241 @@
+"""Reading and writing volumes, with the checks SimpleITK does not do.
+
+Arrays are in SimpleITK/numpy order ``(K, J, I)``; spacing, origin and direction are in ITK (LPS) order
+``(I, J, K)``, exactly as ``SimpleITK.GetSpacing()`` etc. return them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass
+class Volume:
+    """A 3D scalar image: voxels plus the geometry that places them in the patient (LPS)."""
+
+    array: np.ndarray  # (K, J, I)
+    spacing: tuple[float, float, float]  # mm, (I, J, K)
+    origin: tuple[float, float, float]  # mm, LPS
+    direction: tuple[float, ...]  # 3x3 row-major, columns are the I, J, K axis directions in LPS
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=float).reshape(3, 3)
+
+    def with_array(self, array: np.ndarray) -> Volume:
+        """The same geometry carrying other voxels (e.g. a label map)."""
+        if array.shape != self.array.shape:
+            raise ValueError(f"array shape {array.shape} != volume shape {self.array.shape}")
+        return Volume(array, self.spacing, self.origin, self.direction)
+
+    def same_geometry(self, other: Volume, tolerance: float = 1e-4) -> bool:
+        return (
+            self.shape == other.shape
+            and np.allclose(self.spacing, other.spacing, rtol=tolerance, atol=tolerance)
+            and np.allclose(self.origin, other.origin, rtol=tolerance, atol=1e-3)
+            and np.allclose(self.direction, other.direction, atol=tolerance)
+        )
+
+    def geometry_text(self) -> str:
+        size = tuple(reversed(self.shape))
+        spacing = ", ".join(f"{s:g}" for s in self.spacing)
+        origin = ", ".join(f"{o:.2f}" for o in self.origin)
+        return f"size {size}, spacing ({spacing}) mm, origin ({origin})"
+
+    def to_sitk(self) -> sitk.Image:
+        image = sitk.GetImageFromArray(self.array)
+        image.SetSpacing(tuple(float(s) for s in self.spacing))
+        image.SetOrigin(tuple(float(o) for o in self.origin))
+        image.SetDirection(tuple(float(d) for d in self.direction))
+        return image
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> Volume:
+        return cls(
+            array=sitk.GetArrayFromImage(image),
+            spacing=tuple(image.GetSpacing()),
+            origin=tuple(image.GetOrigin()),
+            direction=tuple(image.GetDirection()),
+        )
+
+
+def read_volume(path: str | os.PathLike, *, what: str = "image") -> Volume:
+    """Read a 3D scalar volume from any file SimpleITK reads, or from a DICOM series folder.
+
+    Raises InputError naming the file and the problem for missing, truncated or corrupt files, images that
+    are not 3D scalar volumes, non-finite voxels and unusable spacing.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} {path}: no such file or folder.")
+    try:
+        if path.is_dir():
+            image = _read_dicom_series(path, what)
+        else:
+            _check_file_complete(path, what)
+            image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise InputError(f"{what} {path}: SimpleITK cannot read it ({first_line}). Is it a complete image file?") from None
+    _check_image(image, path, what)
+    volume = Volume.from_sitk(image)
+    if path.is_file() and path.name.lower().endswith(_NIFTI_SUFFIXES):
+        _check_nifti_finite(path, what)
+    _check_finite(volume.array, path, what)
+    return volume
+
+
+def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"{what} {folder}: the folder holds no DICOM series. Give a volume file or a DICOM folder.")
+    if len(series) > 1:
+        raise InputError(
+            f"{what} {folder}: the folder holds {len(series)} DICOM series; give a folder with exactly one."
+        )
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    return reader.Execute()
+
+
+def _check_file_complete(path: Path, what: str) -> None:
+    """SimpleITK reads a truncated .nii.gz without complaint (the rest comes back as zeros): check it here."""
+    if path.stat().st_size == 0:
+        raise InputError(f"{what} {path}: the file is empty.")
+    if path.name.lower().endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as stream:
+                while stream.read(1 << 22):
+                    pass
+        except (EOFError, OSError, gzip.BadGzipFile) as error:
+            raise InputError(
+                f"{what} {path}: the compressed file is truncated or corrupt ({error}). Export or copy it again."
+            ) from None
+    if path.name.lower().endswith(_NIFTI_SUFFIXES):
+        import nibabel
+
+        try:
+            image = nibabel.load(str(path))
+            image.dataobj[(slice(-1, None),) * len(image.shape)]  # touches the last voxel: fails if data is short
+        except Exception as error:  # nibabel raises several types for short or malformed files
+            raise InputError(f"{what} {path}: the NIfTI file is truncated or corrupt ({error}).") from None
+
+
+def _check_nifti_finite(path: Path, what: str) -> None:
+    """SimpleITK's NIfTI reader turns NaN voxels into 0, so look at the stored values with nibabel."""
+    import nibabel
+
+    image = nibabel.load(str(path))
+    if np.issubdtype(image.get_data_dtype(), np.floating):
+        _check_finite(np.asanyarray(image.dataobj), path, what)
+
+
+def _check_finite(array: np.ndarray, path: Path | str, what: str) -> None:
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise InputError(
+                f"{what} {path}: {bad} voxels are NaN or infinite. Replace them (e.g. with the background value) "
+                "before segmenting."
+            )
+
+
+def _check_image(image: sitk.Image, path: Path, what: str) -> None:
+    dimension = image.GetDimension()
+    if dimension == 4 and image.GetSize()[3] == 1:
+        raise InputError(f"{what} {path}: is 4D with one time point; save it as a 3D volume.")
+    if dimension != 3:
+        raise InputError(
+            f"{what} {path}: is {dimension}D with size {image.GetSize()}; SAMFewshot needs one 3D volume "
+            "(for a time series, save the frame you want as its own file)."
+        )
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"{what} {path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB or vector); "
+            "convert it to a scalar (grey-level) volume first."
+        )
+    spacing = np.asarray(image.GetSpacing())
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputError(f"{what} {path}: voxel spacing {tuple(spacing)} is not positive; fix the file's header.")
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    if abs(abs(np.linalg.det(direction)) - 1) > 1e-3:
+        raise InputError(f"{what} {path}: its direction matrix is not a rotation; fix the file's header.")
+
+
+def check_volume(volume: Volume, what: str = "image") -> None:
+    """The checks of ``read_volume`` for a volume that came from memory (e.g. a Slicer node)."""
+    if volume.array.ndim != 3:
+        raise InputError(f"{what}: is {volume.array.ndim}D with shape {volume.array.shape}; SAMFewshot needs a 3D volume.")
+    if min(volume.array.shape) < 1:
+        raise InputError(f"{what}: is empty (shape {volume.array.shape}).")
+    if np.iscomplexobj(volume.array) or not (np.issubdtype(volume.array.dtype, np.number) or volume.array.dtype == bool):
+        raise InputError(f"{what}: voxel type {volume.array.dtype} is not a scalar number type.")
+    spacing = np.asarray(volume.spacing, dtype=float)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputError(f"{what}: voxel spacing {tuple(spacing)} is not positive; fix the image's geometry.")
+    _check_finite(volume.array, "(in memory)", what)
+
+
+def label_dtype(max_label: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every label value."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if max_label <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise InputError(f"label value {max_label} is too large; use label values below 2**32.")
+
+
+def read_label_map(path: str | os.PathLike, image: Volume) -> Volume:
+    """Read a label map that must share ``image``'s geometry; values become non-negative integers."""
+    labels = read_volume(path, what="label map")
+    if not labels.same_geometry(image):
+        raise InputError(
+            f"label map {path}: its geometry ({labels.geometry_text()}) differs from the image's "
+            f"({image.geometry_text()}). Paint the labels on this image, or resample them onto it first."
+        )
+    array = labels.array
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.equal(np.mod(array, 1), 0)):
+            raise InputError(f"label map {path}: holds non-integer values; a label map holds integer labels.")
+    if array.size and array.min() < 0:
+        raise InputError(f"label map {path}: holds negative values ({array.min()}); labels must be 0 (background) or positive.")
+    max_label = int(array.max()) if array.size else 0
+    return labels.with_array(array.astype(label_dtype(max_label), copy=False))
+
+
+def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]) -> Path:
+    """Refuse an output that would overwrite an input; make its folder."""
+    output = Path(output)
+    for item in inputs:
+        if output.resolve() == Path(item).resolve():
+            raise InputError(f"output {output} is one of the inputs; choose another output path so nothing is lost.")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+def write_label_map(labels: np.ndarray, reference: Volume, path: str | os.PathLike) -> Path:
+    """Write ``labels`` (K, J, I) with ``reference``'s exact geometry, atomically."""
+    path = Path(path)
+    max_label = int(labels.max()) if labels.size else 0
+    volume = reference.with_array(np.ascontiguousarray(labels.astype(label_dtype(max_label), copy=False)))
+    suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".nii.gz") else path.suffix
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial{suffix}")
+    try:
+        sitk.WriteImage(volume.to_sitk(), str(temporary), useCompression=True)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path

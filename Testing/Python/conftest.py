@@ -1,0 +1,68 @@
+"""Shared fixtures: the sample CT, the real LiteMedSAM model, and one propagation reused by many tests.
+
+The encoder is the expensive part (about 1-2 s per slice on 2 CPU cores), so the sample volume is encoded
+once per test session into a session cache folder and every test reads from it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "Testing" / "Data"
+sys.path.insert(0, str(REPO))
+
+from SAMFewshotLib.volume_io import read_label_map, read_volume  # noqa: E402
+
+SAMPLE_CT = DATA / "sample_ct.nii.gz"
+SAMPLE_PAINTED = DATA / "sample_ct_painted.nii.gz"
+SAMPLE_REFERENCE = DATA / "sample_ct_reference.nii.gz"
+PAINTED_SLICES = (10, 18, 27, 35, 43)
+
+
+def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
+    prediction, reference = prediction.astype(bool), reference.astype(bool)
+    total = prediction.sum() + reference.sum()
+    return 1.0 if total == 0 else float(2 * np.logical_and(prediction, reference).sum() / total)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One embedding cache for the whole session (SAMFEWSHOT_TEST_CACHE reuses one across sessions)."""
+    given = os.environ.get("SAMFEWSHOT_TEST_CACHE")
+    return Path(given) if given else tmp_path_factory.mktemp("embedding-cache")
+
+
+@pytest.fixture(scope="session")
+def sample_image():
+    return read_volume(SAMPLE_CT)
+
+
+@pytest.fixture(scope="session")
+def sample_painted(sample_image):
+    return read_label_map(SAMPLE_PAINTED, sample_image).array
+
+
+@pytest.fixture(scope="session")
+def sample_reference(sample_image):
+    return read_label_map(SAMPLE_REFERENCE, sample_image).array
+
+
+@pytest.fixture(scope="session")
+def model():
+    from SAMFewshotLib.pipeline import get_model
+
+    return get_model("lite-medsam", "cpu")
+
+
+@pytest.fixture(scope="session")
+def sample_result(sample_image, sample_painted, model, cache_dir):
+    """The default method on the sample CT, liver and spleen painted on 5 axial slices (first run: encodes)."""
+    from SAMFewshotLib.pipeline import segment_volume
+
+    return segment_volume(sample_image, sample_painted, model=model, cache_dir=cache_dir, seed=0)

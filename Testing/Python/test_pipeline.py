@@ -1,0 +1,103 @@
+"""End-to-end: the real LiteMedSAM weights on the real sample CT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PAINTED_SLICES, dice
+from SAMFewshotLib.adapted_model import AdaptedModel
+from SAMFewshotLib.errors import Cancelled, CheckpointError, InputError
+from SAMFewshotLib.pipeline import apply_adapted_model, segment_volume, train_adapted_model
+
+
+def unpainted(array: np.ndarray) -> np.ndarray:
+    keep = [i for i in range(array.shape[0]) if i not in PAINTED_SLICES]
+    return array[keep]
+
+
+def test_five_painted_liver_slices_segment_the_liver(sample_result, sample_reference):
+    assert sample_result.painted.axis == 0
+    assert sample_result.painted.axis_name == "axial"
+    assert sample_result.painted.indices == PAINTED_SLICES
+    liver = dice(unpainted(sample_result.labels) == 1, unpainted(sample_reference) == 1)
+    assert liver >= 0.8, f"liver Dice on unpainted slices {liver:.3f}"
+    spleen = dice(unpainted(sample_result.labels) == 2, unpainted(sample_reference) == 2)
+    assert spleen >= 0.5, f"spleen Dice on unpainted slices {spleen:.3f}"
+
+
+def test_linking_to_painted_regions_only_removes_voxels(sample_result, sample_reference):
+    removed = (sample_result.seed_labels != 0) & (sample_result.labels == 0)
+    assert not np.any((sample_result.labels != 0) & (sample_result.labels != sample_result.seed_labels))
+    # what was removed is mostly outside the reference structures
+    assert removed.sum() == 0 or (sample_reference[removed] == 0).mean() > 0.5
+
+
+def test_painted_slices_are_copied_unchanged(sample_result, sample_painted):
+    for index in PAINTED_SLICES:
+        np.testing.assert_array_equal(sample_result.labels[index], sample_painted[index])
+    assert sample_result.labels.shape == sample_painted.shape
+    assert sample_result.labels.dtype == np.uint8
+
+
+def test_second_run_uses_the_cache_and_never_runs_the_encoder(sample_result, sample_image, sample_painted, model,
+                                                             cache_dir, monkeypatch):
+    assert sample_result.encoded_slices in (0, sample_image.shape[0])  # 0 when SAMFEWSHOT_TEST_CACHE was warm
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the encoder ran although every slice is cached")
+
+    monkeypatch.setattr(model, "encode", forbidden)
+    again = segment_volume(sample_image, sample_painted, model=model, cache_dir=cache_dir, seed=0, iterations=1)
+    assert again.encoded_slices == 0
+
+
+def test_saved_model_applied_to_the_volume_reproduces_the_prediction(sample_result, sample_image, model, cache_dir,
+                                                                      tmp_path):
+    path = sample_result.adapted.save(tmp_path / "liver.safetensors")
+    loaded = AdaptedModel.load(path)
+    assert loaded.label_names == {1: "label 1", 2: "label 2"}
+    assert loaded.axis_name == "axial"
+    applied = apply_adapted_model(loaded, sample_image, model=model, cache_dir=cache_dir)
+    assert applied.shape == sample_image.shape
+    # apply has no painted slices to link regions to, so it reproduces the per-slice (seed) prediction
+    np.testing.assert_array_equal(unpainted(applied), unpainted(sample_result.seed_labels))
+
+
+def test_adapted_model_is_refused_on_another_base_model(sample_result, model):
+    from dataclasses import replace
+
+    other = replace(model, identity="vit_b:0123456789abcdef")
+    with pytest.raises(CheckpointError, match="made from base model lite-medsam"):
+        sample_result.adapted.build_decoder(other)
+
+
+def test_training_is_deterministic_under_a_seed(sample_image, sample_painted, model, cache_dir):
+    pairs = [(sample_image, sample_painted)]
+    first = train_adapted_model(pairs, model=model, cache_dir=cache_dir, seed=3, iterations=2)
+    second = train_adapted_model(pairs, model=model, cache_dir=cache_dir, seed=3, iterations=2)
+    other = train_adapted_model(pairs, model=model, cache_dir=cache_dir, seed=4, iterations=2)
+    for key, value in first.decoder_state.items():
+        assert torch.equal(value, second.decoder_state[key]), key
+    assert any(not torch.equal(v, other.decoder_state[k]) for k, v in first.decoder_state.items())
+
+
+def test_cancel_stops_and_raises(sample_image, sample_painted, model, cache_dir):
+    import threading
+
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        segment_volume(sample_image, sample_painted, model=model, cache_dir=cache_dir, iterations=1, cancel=cancel)
+
+
+def test_label_map_of_another_size_is_refused(sample_image, model, cache_dir):
+    labels = np.zeros((4, 5, 6), np.uint8)
+    with pytest.raises(InputError, match="differs from the image"):
+        segment_volume(sample_image, labels, model=model, cache_dir=cache_dir)
+
+
+def test_empty_label_map_is_refused(sample_image, model, cache_dir):
+    with pytest.raises(InputError, match="empty"):
+        segment_volume(sample_image, np.zeros(sample_image.shape, np.uint8), model=model, cache_dir=cache_dir)
