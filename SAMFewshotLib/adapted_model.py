@@ -1,4 +1,4 @@
-"""An adapted model: the fine-tuned decoder plus its target embeddings, in one safetensors file.
+"""An adapted model: the fine-tuned decoders (one per label) plus their target embeddings, in one safetensors file.
 
 The file's metadata holds a JSON header (format version, the base model's identity, labels and names,
 preprocessing, slice axis, training settings) so that applying it to another volume reproduces the
@@ -32,7 +32,7 @@ class AdaptedModel:
     """Everything needed to segment new volumes with an adapted decoder."""
 
     model_identity: str  # SamModel.identity of the base model
-    decoder_state: dict[str, torch.Tensor]
+    decoder_states: dict[int, dict[str, torch.Tensor]]  # label -> that label's decoder weights
     targets: dict[int, torch.Tensor]  # label -> (M, 256) target embeddings
     label_names: dict[int, str]
     axis_name: str  # anatomical axis the decoder was adapted on
@@ -45,11 +45,14 @@ class AdaptedModel:
         return self.model_identity.split(":")[0]
 
     @classmethod
-    def from_decoder(cls, model: SamModel, decoder: FewShotMaskDecoder, targets, label_names, axis_name, window,
-                     settings) -> AdaptedModel:
+    def from_decoders(cls, model: SamModel, decoders: dict[int, FewShotMaskDecoder], targets, label_names, axis_name,
+                      window, settings) -> AdaptedModel:
         return cls(
             model_identity=model.identity,
-            decoder_state={k: v.detach().to("cpu", torch.float32).clone() for k, v in decoder.state_dict().items()},
+            decoder_states={
+                int(label): {k: v.detach().to("cpu", torch.float32).clone() for k, v in decoder.state_dict().items()}
+                for label, decoder in decoders.items()
+            },
             targets={int(k): v.detach().to("cpu", torch.float32).clone() for k, v in targets.items()},
             label_names={int(k): str(v) for k, v in label_names.items()},
             axis_name=axis_name,
@@ -57,16 +60,19 @@ class AdaptedModel:
             settings=dict(settings),
         )
 
-    def build_decoder(self, model: SamModel) -> FewShotMaskDecoder:
-        """The decoder on ``model``'s device; refuses a base model other than the one adapted from."""
+    def build_decoders(self, model: SamModel) -> dict[int, FewShotMaskDecoder]:
+        """The decoders on ``model``'s device; refuses a base model other than the one adapted from."""
         if model.identity != self.model_identity:
             raise CheckpointError(
                 f"this adapted model was made from base model {self.model_identity}, not {model.identity}; "
                 f"apply it with the same base model (--model {self.model_kind}{':PATH' if self.model_kind != 'lite-medsam' else ''})."
             )
-        decoder = FewShotMaskDecoder(model)
-        decoder.load_state_dict(self.decoder_state, strict=True)
-        return decoder.to(model.device).eval()
+        decoders = {}
+        for label, state in self.decoder_states.items():
+            decoders[label] = FewShotMaskDecoder(model)
+            decoders[label].load_state_dict(state, strict=True)
+            decoders[label].to(model.device).eval()
+        return decoders
 
     def header(self) -> dict:
         return {
@@ -84,7 +90,8 @@ class AdaptedModel:
         """Write atomically to ``path`` (.safetensors recommended)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"decoder.{k}": v.contiguous() for k, v in self.decoder_state.items()}
+        tensors = {f"decoder.{label}.{k}": v.contiguous() for label, state in self.decoder_states.items()
+                   for k, v in state.items()}
         tensors.update({f"targets.{k}": v.contiguous() for k, v in self.targets.items()})
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
@@ -119,7 +126,7 @@ class AdaptedModel:
         window = header.get("window", {})
         return cls(
             model_identity=header["model_identity"],
-            decoder_state={k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")},
+            decoder_states=_by_label(tensors, "decoder."),
             targets={int(k[len("targets."):]): v for k, v in tensors.items() if k.startswith("targets.")},
             label_names={int(k): v for k, v in header.get("labels", {}).items()},
             axis_name=header.get("axis", "axial"),
@@ -127,3 +134,13 @@ class AdaptedModel:
             settings=header.get("settings", {}),
             version=header.get("samfewshot_version", "?"),
         )
+
+
+def _by_label(tensors: dict[str, torch.Tensor], prefix: str) -> dict[int, dict[str, torch.Tensor]]:
+    """{'decoder.1.transformer.x': t} -> {1: {'transformer.x': t}}."""
+    grouped: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            label, _, name = key[len(prefix):].partition(".")
+            grouped.setdefault(int(label), {})[name] = value
+    return grouped

@@ -92,9 +92,10 @@ def _detect_axis(occupied: list[np.ndarray], spacing: tuple[float, float, float]
     with_gaps = np.flatnonzero(fill < 1)
     if with_gaps.size:
         # Spread painting leaves empty slices between painted ones; a structure split in two (left and right
-        # kidney) can leave a gap along another axis too, but a far smaller one.
-        best = with_gaps[np.argsort(fill[with_gaps], kind="stable")]
-        return int(best[0])
+        # kidney) can leave a gap along another axis too, but a smaller one, and across far more planes.
+        best = int(with_gaps[np.argmin(fill[with_gaps])])
+        if counts[best] == counts.min():
+            return best
     smallest = counts.min()
     candidates = np.flatnonzero(counts == smallest)
     if smallest == 1 or (len(candidates) == 1 and 2 * smallest <= np.sort(counts)[1]):

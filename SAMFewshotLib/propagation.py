@@ -1,4 +1,4 @@
-"""Prediction over the volume: run the adapted decoder slice by slice and assemble a label map."""
+"""Prediction over the volume: run the adapted decoders slice by slice and assemble a label map."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .fewshot_decoder import FewShotMaskDecoder
 
 @torch.inference_mode()
 def predict_probabilities(
-    decoder: FewShotMaskDecoder,
+    decoders: dict[int, FewShotMaskDecoder],
     targets: dict[int, torch.Tensor],
     embeddings: VolumeEmbeddings,
     indices: Sequence[int],
@@ -29,7 +29,6 @@ def predict_probabilities(
         label -> (len(indices), rows, cols) float32 probabilities on the slice voxel grid.
     """
     device = embeddings.model.device
-    decoder = decoder.to(device).eval()
     rows, cols = embeddings.transform.slice_shape
     out = {label: np.zeros((len(indices), rows, cols), np.float32) for label in targets}
     for start in range(0, len(indices), batch_size):
@@ -37,7 +36,7 @@ def predict_probabilities(
         batch = list(indices[start : start + batch_size])
         image_embeddings = embeddings.get(batch)
         for label, target in targets.items():
-            logits = decoder(image_embeddings, target.to(device))
+            logits = decoders[label].to(device).eval()(image_embeddings, target.to(device))
             on_slice = embeddings.transform.model_to_slice(logits[:, None])[:, 0]
             out[label][start : start + len(batch)] = torch.sigmoid(on_slice).float().cpu().numpy()
         if progress:

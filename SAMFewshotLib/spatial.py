@@ -1,13 +1,14 @@
-"""3D post-processing that uses what the user painted: predictions must connect to the painted structure.
+"""Spatial logic that uses what the user painted: predictions must connect to the painted structure.
 
 The few-shot decoder judges each slice on its own, so it can fire on look-alike tissue far from the
-structure (a blob on a slice the organ never reaches). A voxel the user painted is certain; a predicted
-region that is not connected in 3D to any painted voxel of the same label is dropped.
+structure (a blob on a slice the organ never reaches). A voxel the user painted is certain: predicted
+regions must connect to painted voxels of the same label, either in 3D after the fact
+(``keep_components_linked_to_painted``) or slice by slice while walking outward (``walk_beyond_painted``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -30,3 +31,50 @@ def keep_components_linked_to_painted(
         linked = np.unique(components[(painted_only == value) & (components > 0)])
         result[np.isin(components, linked[linked > 0])] = value
     return result
+
+
+def walk_beyond_painted(
+    result: np.ndarray,
+    painted: np.ndarray,
+    painted_indices: Sequence[int],
+    value: int,
+    probability: Callable[[int, int], np.ndarray],
+    step_radius: int,
+) -> list[int]:
+    """Extend label ``value`` slice by slice beyond its first and last painted slice.
+
+    Each new slice keeps the voxels the decoder calls foreground that lie within ``step_radius`` voxels of
+    the previous slice's mask and belong to a region touching it; the walk stops when nothing is left, or
+    at the volume's edge or a painted slice (what the user painted there is final).
+
+    Args:
+        result: (N, rows, cols) label stack to write into (only background voxels are written).
+        painted: (N, rows, cols) the user's labels; ``painted_indices`` the painted slices.
+        probability: (slice index, direction) -> (rows, cols) foreground probability of ``value``;
+            direction (+1/-1) lets the caller prefetch the next slices.
+        step_radius: how far (voxels, in-plane) a boundary may move from one slice to the next.
+    Returns:
+        The slices written.
+    """
+    painted_set = set(int(i) for i in painted_indices)
+    with_value = [i for i in sorted(painted_set) if np.any(painted[i] == value)]
+    if not with_value:
+        return []
+    structure = ndimage.generate_binary_structure(2, 1)
+    written = []
+    for start, direction in ((with_value[0], -1), (with_value[-1], +1)):
+        previous = painted[start] == value
+        index = start + direction
+        while 0 <= index < result.shape[0] and index not in painted_set:
+            reachable = ndimage.binary_dilation(previous, structure, iterations=step_radius)
+            candidate = (probability(index, direction) > 0.5) & reachable
+            regions, _ = ndimage.label(candidate)
+            touching = np.unique(regions[candidate & ndimage.binary_dilation(previous, structure)])
+            current = np.isin(regions, touching[touching > 0])
+            if not current.any():
+                break
+            result[index][current & (result[index] == 0)] = value
+            written.append(index)
+            previous = current
+            index += direction
+    return written

@@ -61,8 +61,24 @@ def model():
 
 
 @pytest.fixture(scope="session")
-def sample_result(sample_image, sample_painted, model, cache_dir):
-    """The default method on the sample CT, liver and spleen painted on 5 axial slices (first run: encodes)."""
-    from SAMFewshotLib.pipeline import segment_volume
+def sample_adaptation(sample_image, sample_painted, model, cache_dir):
+    """Decoders adapted to liver and spleen painted on 5 axial slices of the sample CT."""
+    from SAMFewshotLib.pipeline import adapt_to_painted
 
-    return segment_volume(sample_image, sample_painted, model=model, cache_dir=cache_dir, seed=0)
+    return adapt_to_painted(sample_image, sample_painted, model=model, cache_dir=cache_dir, seed=0)
+
+
+@pytest.fixture(scope="session")
+def sample_result(sample_adaptation):
+    """The default method's result on the sample CT."""
+    from SAMFewshotLib.pipeline import propagate
+
+    return propagate(sample_adaptation, "default")
+
+
+@pytest.fixture(scope="session")
+def sample_seed_result(sample_adaptation):
+    """The seed paper's per-slice prediction (and its 3D-linked variant) from the same adaptation."""
+    from SAMFewshotLib.pipeline import propagate
+
+    return propagate(sample_adaptation, "seed-linked")

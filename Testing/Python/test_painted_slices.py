@@ -81,3 +81,16 @@ def test_explicit_axis_name_follows_the_direction_matrix():
     assert find_painted_slices(labels, SPACING, direction, axis="axial").axis == 1
     with pytest.raises(InputError, match="unknown axis"):
         find_painted_slices(labels, SPACING, direction, axis="oblique")
+
+
+def test_two_axes_with_a_split_structure_are_refused():
+    # Two separate blobs leave a gap along axis 2 in every view: that gap must not pass for painted slices.
+    mask = ball(radius=6, centre=(20, 20, 10)) | ball(radius=6, centre=(20, 20, 30))
+    painted = paint(mask, 0, [16, 20, 24]) | paint(mask, 1, [18, 22])
+    with pytest.raises(InputError, match="more than one axis"):
+        find_painted_slices(painted, SPACING, LPS_IDENTITY)
+
+
+def test_spread_slices_of_a_split_structure_are_found():
+    mask = ball(radius=6, centre=(20, 20, 10)) | ball(radius=6, centre=(20, 20, 30))
+    assert find_painted_slices(paint(mask, 0, [15, 18, 21, 24]), SPACING, LPS_IDENTITY).axis == 0

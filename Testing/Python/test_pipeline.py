@@ -22,14 +22,29 @@ def test_five_painted_liver_slices_segment_the_liver(sample_result, sample_refer
     assert sample_result.painted.axis_name == "axial"
     assert sample_result.painted.indices == PAINTED_SLICES
     liver = dice(unpainted(sample_result.labels) == 1, unpainted(sample_reference) == 1)
-    assert liver >= 0.8, f"liver Dice on unpainted slices {liver:.3f}"
+    assert liver >= 0.85, f"liver Dice on unpainted slices {liver:.3f}"
     spleen = dice(unpainted(sample_result.labels) == 2, unpainted(sample_reference) == 2)
-    assert spleen >= 0.5, f"spleen Dice on unpainted slices {spleen:.3f}"
+    assert spleen >= 0.75, f"spleen Dice on unpainted slices {spleen:.3f}"
 
 
-def test_linking_to_painted_regions_only_removes_voxels(sample_result, sample_reference):
-    removed = (sample_result.seed_labels != 0) & (sample_result.labels == 0)
-    assert not np.any((sample_result.labels != 0) & (sample_result.labels != sample_result.seed_labels))
+def test_walk_beyond_the_painted_range_finds_liver_there(sample_result, sample_reference):
+    # The liver starts at slice 6; the first painted slice is 10. Fill-between predicts nothing below 10.
+    below = slice(0, PAINTED_SLICES[0])
+    found = dice(sample_result.labels[below] == 1, sample_reference[below] == 1)
+    assert found >= 0.5, f"liver Dice below the first painted slice {found:.3f}"
+
+
+def test_seed_method_alone_segments_the_liver(sample_seed_result, sample_reference):
+    liver = dice(unpainted(sample_seed_result.seed_labels) == 1, unpainted(sample_reference) == 1)
+    assert liver >= 0.7, f"seed method liver Dice {liver:.3f}"
+    linked = dice(unpainted(sample_seed_result.labels) == 1, unpainted(sample_reference) == 1)
+    assert linked >= liver - 0.01
+
+
+def test_linking_to_painted_regions_only_removes_voxels(sample_seed_result, sample_reference):
+    result = sample_seed_result
+    removed = (result.seed_labels != 0) & (result.labels == 0)
+    assert not np.any((result.labels != 0) & (result.labels != result.seed_labels))
     # what was removed is mostly outside the reference structures
     assert removed.sum() == 0 or (sample_reference[removed] == 0).mean() > 0.5
 
@@ -41,28 +56,29 @@ def test_painted_slices_are_copied_unchanged(sample_result, sample_painted):
     assert sample_result.labels.dtype == np.uint8
 
 
-def test_second_run_uses_the_cache_and_never_runs_the_encoder(sample_result, sample_image, sample_painted, model,
-                                                             cache_dir, monkeypatch):
-    assert sample_result.encoded_slices in (0, sample_image.shape[0])  # 0 when SAMFEWSHOT_TEST_CACHE was warm
+def test_second_run_uses_the_cache_and_never_runs_the_encoder(sample_seed_result, sample_image, sample_painted,
+                                                             model, cache_dir, monkeypatch):
+    assert sample_seed_result.encoded_slices <= sample_image.shape[0]  # each slice encoded at most once
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the encoder ran although every slice is cached")
 
     monkeypatch.setattr(model, "encode", forbidden)
-    again = segment_volume(sample_image, sample_painted, model=model, cache_dir=cache_dir, seed=0, iterations=1)
+    again = segment_volume(sample_image, sample_painted, model=model, cache_dir=cache_dir, seed=0, iterations=1,
+                           method="seed")
     assert again.encoded_slices == 0
 
 
-def test_saved_model_applied_to_the_volume_reproduces_the_prediction(sample_result, sample_image, model, cache_dir,
-                                                                      tmp_path):
-    path = sample_result.adapted.save(tmp_path / "liver.safetensors")
+def test_saved_model_applied_to_the_volume_reproduces_the_prediction(sample_seed_result, sample_image, model,
+                                                                      cache_dir, tmp_path):
+    path = sample_seed_result.adapted.save(tmp_path / "liver.safetensors")
     loaded = AdaptedModel.load(path)
     assert loaded.label_names == {1: "label 1", 2: "label 2"}
     assert loaded.axis_name == "axial"
     applied = apply_adapted_model(loaded, sample_image, model=model, cache_dir=cache_dir)
     assert applied.shape == sample_image.shape
     # apply has no painted slices to link regions to, so it reproduces the per-slice (seed) prediction
-    np.testing.assert_array_equal(unpainted(applied), unpainted(sample_result.seed_labels))
+    np.testing.assert_array_equal(unpainted(applied), unpainted(sample_seed_result.seed_labels))
 
 
 def test_adapted_model_is_refused_on_another_base_model(sample_result, model):
@@ -70,7 +86,7 @@ def test_adapted_model_is_refused_on_another_base_model(sample_result, model):
 
     other = replace(model, identity="vit_b:0123456789abcdef")
     with pytest.raises(CheckpointError, match="made from base model lite-medsam"):
-        sample_result.adapted.build_decoder(other)
+        sample_result.adapted.build_decoders(other)
 
 
 def test_training_is_deterministic_under_a_seed(sample_image, sample_painted, model, cache_dir):
@@ -78,9 +94,11 @@ def test_training_is_deterministic_under_a_seed(sample_image, sample_painted, mo
     first = train_adapted_model(pairs, model=model, cache_dir=cache_dir, seed=3, iterations=2)
     second = train_adapted_model(pairs, model=model, cache_dir=cache_dir, seed=3, iterations=2)
     other = train_adapted_model(pairs, model=model, cache_dir=cache_dir, seed=4, iterations=2)
-    for key, value in first.decoder_state.items():
-        assert torch.equal(value, second.decoder_state[key]), key
-    assert any(not torch.equal(v, other.decoder_state[k]) for k, v in first.decoder_state.items())
+    assert sorted(first.decoder_states) == [1, 2]
+    for label, state in first.decoder_states.items():
+        for key, value in state.items():
+            assert torch.equal(value, second.decoder_states[label][key]), key
+    assert any(not torch.equal(v, other.decoder_states[1][k]) for k, v in first.decoder_states[1].items())
 
 
 def test_cancel_stops_and_raises(sample_image, sample_painted, model, cache_dir):
