@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +32,14 @@ def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2 * np.logical_and(prediction, reference).sum() / total)
 
 
+# One embedding cache for every test file: entries are keyed by content and checksummed, so reusing the
+# folder across sessions is safe and saves encoding the sample again.
+TEST_CACHE_DIR = Path(os.environ.get("SAMFEWSHOT_TEST_CACHE") or Path(tempfile.gettempdir()) / "samfewshot-test-cache")
+
+
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    """One embedding cache for the whole session (SAMFEWSHOT_TEST_CACHE reuses one across sessions)."""
-    given = os.environ.get("SAMFEWSHOT_TEST_CACHE")
-    return Path(given) if given else tmp_path_factory.mktemp("embedding-cache")
+def cache_dir() -> Path:
+    return TEST_CACHE_DIR
 
 
 @pytest.fixture(scope="session")
