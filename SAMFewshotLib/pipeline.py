@@ -202,8 +202,8 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel) -> np.ndarra
     result[list(painted.indices)] = label_stack[list(painted.indices)]
     rows_mm, cols_mm = embeddings.transform.pixel_spacing
     slice_mm = float(np.asarray(embeddings.volume.spacing)[::-1][painted.axis])
-    # a boundary moves about as far in-plane as the slices are apart; allow twice that per step
-    radius = int(np.ceil(2 * slice_mm / min(rows_mm, cols_mm)))
+    # beyond its painted range a structure tapers: let its boundary move at most one slice spacing per slice
+    radius = int(np.ceil(slice_mm / min(rows_mm, cols_mm)))
     walked = 0
 
     for value in painted.label_values:

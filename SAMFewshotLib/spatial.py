@@ -43,9 +43,11 @@ def walk_beyond_painted(
 ) -> list[int]:
     """Extend label ``value`` slice by slice beyond its first and last painted slice.
 
-    Each new slice keeps the voxels the decoder calls foreground that lie within ``step_radius`` voxels of
-    the previous slice's mask and belong to a region touching it; the walk stops when nothing is left, or
-    at the volume's edge or a painted slice (what the user painted there is final).
+    Each new slice keeps the voxels the decoder calls foreground that belong to a region touching the
+    previous slice's mask and lie within ``step_radius`` voxels of it. The walk stops when nothing is left,
+    when the touching region is more than twice what is kept (the decoder is outlining something larger
+    than this structure can be there), at the volume's edge, or at a painted slice (what the user painted
+    there is final).
 
     Args:
         result: (N, rows, cols) label stack to write into (only background voxels are written).
@@ -66,12 +68,14 @@ def walk_beyond_painted(
         previous = painted[start] == value
         index = start + direction
         while 0 <= index < result.shape[0] and index not in painted_set:
-            reachable = ndimage.binary_dilation(previous, structure, iterations=step_radius)
-            candidate = (probability(index, direction) > 0.5) & reachable
-            regions, _ = ndimage.label(candidate)
-            touching = np.unique(regions[candidate & ndimage.binary_dilation(previous, structure)])
-            current = np.isin(regions, touching[touching > 0])
-            if not current.any():
+            foreground = probability(index, direction) > 0.5
+            regions, _ = ndimage.label(foreground)
+            touching = np.unique(regions[foreground & ndimage.binary_dilation(previous, structure)])
+            attached = np.isin(regions, touching[touching > 0])
+            current = attached & ndimage.binary_dilation(previous, structure, iterations=step_radius)
+            # Stop where the decoder no longer outlines this structure: nothing attached, or the attached
+            # region spreads far beyond where the structure can be (it has run into look-alike neighbours).
+            if not current.any() or attached.sum() > 2 * current.sum():
                 break
             result[index][current & (result[index] == 0)] = value
             written.append(index)
