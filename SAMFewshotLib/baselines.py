@@ -44,14 +44,14 @@ def slice_axis_for(spacing, order: str = "itk") -> int:
     ``SimpleITK.Image.GetSpacing()`` give it; pass ``order="numpy"`` for ``(K, J, I)``. The result is
     always a numpy axis of the ``(K, J, I)`` array. Spacings within a relative 1e-6 count as tied.
     """
+    from .painted_slices import default_slice_axis
+
     spacing = np.asarray(spacing, dtype=float).reshape(-1)
     if spacing.size != 3:
         raise ValueError(f"spacing must have three values, got {spacing}")
-    if order == "itk":
-        spacing = spacing[::-1]
-    elif order != "numpy":
+    if order not in ("itk", "numpy"):
         raise ValueError(f"order must be 'itk' or 'numpy', got {order!r}")
-    return int(np.flatnonzero(spacing >= spacing.max() * (1 - 1e-6))[0])
+    return default_slice_axis(tuple(spacing) if order == "itk" else tuple(spacing[::-1]))
 
 
 def spread_painted_slices(mask: np.ndarray, k: int, axis: int) -> list[int]:

@@ -86,10 +86,10 @@ class Progress:
             return
         from tqdm import tqdm
 
-        if stage != self.stage or self.bar is None or total != self.bar.total:
+        if stage != self.stage or self.bar is None or total != self.bar.total or done < self.bar.n:
             self.close()
             self.stage = stage
-            self.bar = tqdm(total=total, desc=stage, unit="slice" if stage != "adapting" else "it", file=sys.stderr,
+            self.bar = tqdm(total=total, desc=stage, unit="it" if stage.startswith("adapting") else "slice", file=sys.stderr,
                             leave=False, dynamic_ncols=True)
         self.bar.n = done
         self.bar.refresh()

@@ -334,8 +334,12 @@ def adapt(
             raise InputError(f"label {value} is too small to be seen by the model on any painted slice; paint more of it.")
     decoders, losses = {}, []
     for value in label_values:
+        def label_progress(stage: str, done: int, total: int, value=value) -> None:
+            if progress:
+                progress(f"{stage} label {value}", done, total)
+
         decoders[value], label_losses = adapt_decoder(sam, support_embeddings, {value: masks[value]}, targets, settings,
-                                                      progress=progress, cancel=cancel)
+                                                      progress=label_progress, cancel=cancel)
         losses.extend(label_losses)
     return decoders, targets, losses
 

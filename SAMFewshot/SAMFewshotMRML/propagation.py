@@ -101,7 +101,7 @@ class Outcome:
 
 
 def progress_text(stage: str, done: int, total: int, prefix: str = "") -> str:
-    words = STAGE_TEXT.get(stage, stage)
+    words = STAGE_TEXT.get(stage.split(" ")[0], stage)  # "adapting label 1" -> "adapting the model"
     counted = f" {done}/{total}" if total else ""
     return f"{prefix}{words}{counted}"
 
