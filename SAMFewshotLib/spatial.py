@@ -46,8 +46,8 @@ def walk_beyond_painted(
     Each new slice keeps the voxels the decoder calls foreground that belong to a region touching the
     previous slice's mask and lie within ``step_radius`` voxels of it. The walk stops when nothing is left,
     when the touching region is more than twice what is kept (the decoder is outlining something larger
-    than this structure can be there), at the volume's edge, or at a painted slice (what the user painted
-    there is final).
+    than this structure can be there), when the cross-section grows by more than a quarter in one step,
+    at the volume's edge, or at a painted slice (what the user painted there is final).
 
     Args:
         result: (N, rows, cols) label stack to write into (only background voxels are written).
@@ -75,7 +75,9 @@ def walk_beyond_painted(
             current = attached & ndimage.binary_dilation(previous, structure, iterations=step_radius)
             # Stop where the decoder no longer outlines this structure: nothing attached, or the attached
             # region spreads far beyond where the structure can be (it has run into look-alike neighbours).
-            if not current.any() or attached.sum() > 2 * current.sum():
+            # Beyond its painted range a structure tapers to its end: a cross-section that suddenly grows
+            # has walked into a neighbour that touches it (femoral head into the hip bone).
+            if not current.any() or attached.sum() > 2 * current.sum() or current.sum() > 1.25 * previous.sum():
                 break
             result[index][current & (result[index] == 0)] = value
             written.append(index)
