@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("-o", "--output", required=True, help="output label map (same geometry as the image)")
     common(segment)
     adaptation(segment)
-    segment.add_argument("--method", default="default", help="default, or seed (the paper's per-slice prediction)")
+    segment.add_argument("--method", default="default", help="default (= fill-walk), fill-walk, seed (the paper's per-slice prediction) or seed-linked")
     segment.add_argument("--save-model", default=None, help="also save the adapted model to this file")
 
     train = commands.add_parser("train", help="adapt on painted slices of one or more volumes; save the model")
