@@ -153,9 +153,8 @@ def _segment(args, progress: Progress) -> int:
     if args.save_model:
         result.adapted.save(args.save_model)
         print(f"saved adapted model to {args.save_model}")
-    cached = result.painted and result.encoded_slices == 0
-    print(f"wrote {output} ({time.perf_counter() - started:.1f} s; encoded {result.encoded_slices} slices"
-          f"{', all embeddings from cache' if cached else ''})")
+    cached = ", all embeddings from the cache" if result.encoded_slices == 0 else ""
+    print(f"wrote {output} ({time.perf_counter() - started:.1f} s; encoded {result.encoded_slices} slices{cached})")
     return 0
 
 
@@ -192,8 +191,8 @@ def _apply(args, progress: Progress) -> int:
                                  cache_dir=args.cache_dir, progress=progress)
     progress.close()
     write_label_map(labels, image, output)
-    print(f"segmented {image.shape[0] if adapted.axis_name == 'axial' else ''} slices with {args.model_file}; "
-          f"wrote {output}")
+    labels_found = ", ".join(adapted.label_names.get(v, str(v)) for v in sorted(adapted.targets))
+    print(f"segmented {labels_found} along the {adapted.axis_name} axis with {args.model_file}; wrote {output}")
     return 0
 
 
