@@ -93,8 +93,6 @@ def read_volume(path: str | os.PathLike, *, what: str = "image") -> Volume:
         raise InputError(f"{what} {path}: SimpleITK cannot read it ({first_line}). Is it a complete image file?") from None
     _check_image(image, path, what)
     volume = Volume.from_sitk(image)
-    if path.is_file() and path.name.lower().endswith(_NIFTI_SUFFIXES):
-        _check_nifti_finite(path, what)
     _check_finite(volume.array, path, what)
     return volume
 
@@ -113,10 +111,19 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
 
 
 def _check_file_complete(path: Path, what: str) -> None:
-    """SimpleITK reads a truncated .nii.gz without complaint (the rest comes back as zeros): check it here."""
+    """SimpleITK reads a truncated .nii.gz without complaint (the rest comes back as zeros) and turns NaN
+    voxels into 0: read NIfTI data once with nibabel, which raises on short data and keeps NaN."""
     if path.stat().st_size == 0:
         raise InputError(f"{what} {path}: the file is empty.")
-    if path.name.lower().endswith(".gz"):
+    if path.name.lower().endswith(_NIFTI_SUFFIXES):
+        import nibabel
+
+        try:
+            data = np.asanyarray(nibabel.load(str(path)).dataobj)
+        except Exception as error:  # nibabel raises several types for short or malformed files
+            raise InputError(f"{what} {path}: the NIfTI file is truncated or corrupt ({error}).") from None
+        _check_finite(data, path, what)
+    elif path.name.lower().endswith(".gz"):
         try:
             with gzip.open(path, "rb") as stream:
                 while stream.read(1 << 22):
@@ -125,23 +132,6 @@ def _check_file_complete(path: Path, what: str) -> None:
             raise InputError(
                 f"{what} {path}: the compressed file is truncated or corrupt ({error}). Export or copy it again."
             ) from None
-    if path.name.lower().endswith(_NIFTI_SUFFIXES):
-        import nibabel
-
-        try:
-            image = nibabel.load(str(path))
-            image.dataobj[(slice(-1, None),) * len(image.shape)]  # touches the last voxel: fails if data is short
-        except Exception as error:  # nibabel raises several types for short or malformed files
-            raise InputError(f"{what} {path}: the NIfTI file is truncated or corrupt ({error}).") from None
-
-
-def _check_nifti_finite(path: Path, what: str) -> None:
-    """SimpleITK's NIfTI reader turns NaN voxels into 0, so look at the stored values with nibabel."""
-    import nibabel
-
-    image = nibabel.load(str(path))
-    if np.issubdtype(image.get_data_dtype(), np.floating):
-        _check_finite(np.asanyarray(image.dataobj), path, what)
 
 
 def _check_finite(array: np.ndarray, path: Path | str, what: str) -> None:
