@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -69,8 +70,21 @@ class AdaptedModel:
             )
         decoders = {}
         for label, state in self.decoder_states.items():
+            # A damaged or hand-made file must fail here with its name, not minutes later inside the decoder.
+            if self.targets[label].shape[-1] != model.embedding_dim:
+                raise CheckpointError(
+                    f"this adapted model's target embeddings for label {label} have {self.targets[label].shape[-1]} "
+                    f"values, not {model.embedding_dim}; the file is damaged: make it again."
+                )
             decoders[label] = FewShotMaskDecoder(model)
-            decoders[label].load_state_dict(state, strict=True)
+            try:
+                decoders[label].load_state_dict(state, strict=True)
+            except RuntimeError as error:
+                reason = " ".join(str(error).split())[:200]
+                raise CheckpointError(
+                    f"this adapted model's decoder for label {label} does not fit the {model.kind} decoder ({reason}); "
+                    "the file is damaged: make it again."
+                ) from None
             decoders[label].to(model.device).eval()
         return decoders
 
@@ -116,24 +130,65 @@ class AdaptedModel:
                 f"adapted model {path}: not a SAMFewshot adapted model, or the file is truncated or corrupt ({error}). "
                 "Make one with 'samfewshot train'."
             ) from None
-        if header.get("format") != FORMAT:
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise CheckpointError(f"adapted model {path}: not a SAMFewshot adapted model.")
-        if int(header.get("format_version", -1)) > FORMAT_VERSION:
+        try:  # the header is checked field by field: a damaged one is named, never a traceback
+            version = int(header.get("format_version", -1))
+        except (TypeError, ValueError):
+            raise CheckpointError(f"adapted model {path}: its header is damaged (format version "
+                                  f"{header.get('format_version')!r}); make it again.") from None
+        if version > FORMAT_VERSION:
             raise CheckpointError(
-                f"adapted model {path}: format version {header['format_version']} is newer than this SAMFewshot "
+                f"adapted model {path}: format version {version} is newer than this SAMFewshot "
                 f"reads ({FORMAT_VERSION}); update SAMFewshot."
             )
-        window = header.get("window", {})
-        return cls(
-            model_identity=header["model_identity"],
-            decoder_states=_by_label(tensors, "decoder."),
-            targets={int(k[len("targets."):]): v for k, v in tensors.items() if k.startswith("targets.")},
-            label_names={int(k): v for k, v in header.get("labels", {}).items()},
-            axis_name=header.get("axis", "axial"),
-            window=IntensityWindow(window.get("low"), window.get("high"), tuple(window.get("percentiles", (0.5, 99.5)))),
-            settings=header.get("settings", {}),
-            version=header.get("samfewshot_version", "?"),
-        )
+        try:
+            window = header.get("window", {})
+            model = cls(
+                model_identity=_text(header["model_identity"]),
+                decoder_states=_by_label(tensors, "decoder."),
+                targets={int(k[len("targets."):]): v for k, v in tensors.items() if k.startswith("targets.")},
+                label_names={int(k): str(v) for k, v in header.get("labels", {}).items()},
+                axis_name=_text(header.get("axis", "axial")),
+                window=IntensityWindow(_bound(window.get("low")), _bound(window.get("high")),
+                                       tuple(float(p) for p in window.get("percentiles", (0.5, 99.5)))),
+                settings=dict(header.get("settings", {})),
+                version=str(header.get("samfewshot_version", "?")),
+            )
+            model._check_tensors()
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise CheckpointError(f"adapted model {path}: its header or tensors are damaged ({error}); make it again "
+                                  "with 'samfewshot train'.") from None
+        return model
+
+    def _check_tensors(self) -> None:
+        """One decoder and finite (M, C) target embeddings per label, at least one label (ValueError if not)."""
+        if not self.targets or sorted(self.targets) != sorted(self.decoder_states):
+            raise ValueError(f"target embeddings for labels {sorted(self.targets)}, "
+                             f"decoders for {sorted(self.decoder_states)}")
+        for label, target in self.targets.items():
+            if target.dim() != 2 or target.shape[0] == 0 or not torch.isfinite(target).all():
+                raise ValueError(f"label {label}'s target embeddings (shape {tuple(target.shape)}) are not "
+                                 "finite (M, C) vectors")
+        low, high = self.window.low, self.window.high
+        if (low is None) != (high is None) or (low is not None and not high > low) or len(self.window.percentiles) != 2:
+            raise ValueError(f"intensity window {low}, {high}, {self.window.percentiles}")
+
+
+def _text(value) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected text, found {value!r}")
+    return value
+
+
+def _bound(value) -> float | None:
+    """An intensity window bound from the header: None or a finite number."""
+    if value is None:
+        return None
+    number = float(value)
+    if not np.isfinite(number):
+        raise ValueError(f"intensity window bound {value!r}")
+    return number
 
 
 def _by_label(tensors: dict[str, torch.Tensor], prefix: str) -> dict[int, dict[str, torch.Tensor]]:

@@ -39,6 +39,8 @@ class IntensityWindow:
             raise InputError(
                 f"window '{text}': use auto, {', '.join(NAMED_WINDOWS)} or LOW,HIGH (e.g. -160,240)."
             ) from None
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise InputError(f"window '{text}': LOW and HIGH must be finite numbers (e.g. -160,240).")
         if not high > low:
             raise InputError(f"window '{text}': HIGH must be above LOW.")
         return cls(low, high)

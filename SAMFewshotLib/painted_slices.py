@@ -13,6 +13,7 @@ import numpy as np
 from .errors import InputError
 
 AXIS_NAMES = ("sagittal", "coronal", "axial")  # indexed by the dominant LPS component (x, y, z)
+MAX_LABELS = 255  # different label values in one painting (one decoder each, about a minute each on a CPU)
 
 
 @dataclass(frozen=True)
@@ -69,14 +70,22 @@ def find_painted_slices(
     occupied = [np.flatnonzero(np.any(labels != 0, axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
     if occupied[0].size == 0:
         raise InputError("the label map is empty: paint the structure on a few slices (non-zero labels) first.")
+    values = np.unique(labels[labels != 0])
+    if values.size > MAX_LABELS:  # e.g. the image given as its own label map: hours of fine-tuning otherwise
+        raise InputError(
+            f"the label map holds {values.size} different labels; one decoder is fine-tuned per label, so at most "
+            f"{MAX_LABELS} are taken at a time. Is it an image rather than a painted label map?"
+        )
     if isinstance(axis, str) and axis != "auto":
         chosen = numpy_axis_for(axis, direction)
-    elif isinstance(axis, int):
-        chosen = axis
+    elif isinstance(axis, (int, np.integer)):  # numpy integers too: they are not ``int``, and were ignored
+        chosen = int(axis)
+        if not 0 <= chosen < 3:
+            raise InputError(f"axis {axis} does not exist; give a numpy axis 0, 1 or 2, or auto, axial, coronal, "
+                             "sagittal.")
     else:
         chosen = _detect_axis(occupied, spacing)
     indices = tuple(int(i) for i in occupied[chosen])
-    values = np.unique(labels[labels != 0])
     return PaintedSlices(
         axis=chosen,
         axis_name=anatomical_name(direction, chosen),

@@ -105,6 +105,17 @@ def added_voxels(preview: np.ndarray, current: np.ndarray, axis: int | None,
     return added
 
 
+def _checked_volume(volume_node):
+    """The node as a ``Volume``, checked first: a zero or sheared IJK-to-RAS matrix smears the painted masks
+    over the grid when they are resampled onto it, so geometry and voxel problems are named before anything
+    is read (they would otherwise show as "every slice is painted" or fail only on the worker thread)."""
+    from SAMFewshotLib.volume_io import check_volume
+
+    image = volume_from_node(volume_node)
+    check_volume(image, f"volume '{volume_node.GetName()}'")
+    return image
+
+
 def remove_node(scene, node) -> None:
     """Remove a node with its display and storage nodes (the scene alone leaves them behind)."""
     helpers = [node.GetNthDisplayNode(n) for n in range(node.GetNumberOfDisplayNodes())]
@@ -198,6 +209,7 @@ class Workflow:
             raise _error("Choose the volume to segment.")
         if segmentation_node is None:
             raise _error("Choose the segmentation that holds the painted slices.")
+        image = _checked_volume(volume_node)
         supports = self._supports(volume_node, segmentation_node, selected_ids, options.axis)
         ready = [(p, labels) for p, labels in supports if p.ready]
         if not ready:
@@ -205,7 +217,7 @@ class Workflow:
             raise _error(f"Nothing to propagate ({problems}). Paint a structure on a few slices first.")
         tasks = [SegmentTask(p.segment_id, p.name, p.color, p.axis, p.axis_name, p.indices,
                              np.ascontiguousarray(labels, dtype=np.uint8)) for p, labels in ready]
-        return Request(volume_node.GetID(), segmentation_node.GetID(), volume_from_node(volume_node), options, tasks)
+        return Request(volume_node.GetID(), segmentation_node.GetID(), image, options, tasks)
 
     def prepare_saved_models(self, volume_node, segmentation_node, paths, options: Options | None = None) -> Request:
         """Copy what applying saved adapted models needs (main thread)."""
@@ -216,7 +228,7 @@ class Workflow:
         if not paths:
             raise _error("Choose one or more adapted model files.")
         return Request(volume_node.GetID(), segmentation_node.GetID() if segmentation_node else None,
-                       volume_from_node(volume_node), options, adapted_model_paths=paths)
+                       _checked_volume(volume_node), options, adapted_model_paths=paths)
 
     def start(self, request: Request) -> Job:
         """Run the request on a worker thread; poll the returned job from the main thread."""
