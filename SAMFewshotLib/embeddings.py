@@ -11,11 +11,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .embedding_cache import EmbeddingCache, volume_key
+from .embedding_cache import EmbeddingCache, default_cache_dir, volume_key
 from .errors import Cancelled, DeviceError
 from .intensity import IntensityWindow
 from .models import SamModel
@@ -73,9 +74,13 @@ class VolumeEmbeddings:
         self.transform = SliceTransform(self.slices.shape[1:], pixel_spacing(volume.spacing, axis), model.image_size)
         self.preprocessing = f"{self.window.key()}|limits={self.limits[0]:.6g},{self.limits[1]:.6g}|size={model.image_size}|aspect=physical"
         key = volume_key(volume.array, volume.spacing, axis, model.identity, self.preprocessing)
+        self.key = key  # identifies what is encoded: voxels, axis, model and preprocessing
         self.cache = EmbeddingCache(cache_dir, key) if use_disk_cache else None
+        self.cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.memory: dict[int, torch.Tensor] = {}
-        self.batch_size = batch_size or (4 if model.device.type == "cpu" else _gpu_batch_size(model))
+        # on a CPU batching gains nothing (measured: 2.6 s/slice at batch 1, 3.5 at batch 4 on 2 cores), and
+        # one slice at a time lets a cancel take effect within a slice's time
+        self.batch_size = batch_size or (1 if model.device.type == "cpu" else _gpu_batch_size(model))
         self.progress = progress
         self.cancel = cancel
         self.encoded_slices = 0
@@ -107,6 +112,8 @@ class VolumeEmbeddings:
             else:
                 to_encode.append(index)
         done, started = 0, time.perf_counter()
+        if to_encode:
+            self.model.prepare_cpu_encoder(self.cache_root)
         while done < len(to_encode):
             check_cancel(self.cancel)
             batch = to_encode[done : done + self.batch_size]

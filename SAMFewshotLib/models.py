@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import pickle
+import re
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +60,9 @@ class SamModel:
     device: torch.device
     embedding_grid: int = 64
     embedding_dim: int = 256
+    # a faster CPU engine for the encoder (onnx_encoder.OnnxEncoder); used only while the model is on the CPU
+    cpu_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None
+    cpu_encoder_tried: bool = False
 
     def to_model_input(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) intensities in [0, 1] -> (B, 3, S, S) as this model's encoder expects them."""
@@ -69,7 +75,20 @@ class SamModel:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) in [0, 1] -> image embeddings (B, 256, 64, 64), float32 on ``self.device``."""
         x = self.to_model_input(images.to(self.device, torch.float32))
+        if self.cpu_encoder is not None and self.device.type == "cpu":
+            return self.cpu_encoder(x)
         return self.image_encoder(x).float()
+
+    def prepare_cpu_encoder(self, cache_dir: Path) -> None:
+        """Use ONNX Runtime for the encoder on the CPU (once per model; $SAMFEWSHOT_ENGINE=torch turns it off)."""
+        if self.cpu_encoder_tried or self.device.type != "cpu":
+            return
+        self.cpu_encoder_tried = True
+        if os.environ.get("SAMFEWSHOT_ENGINE", "auto") == "torch":
+            return
+        from .onnx_encoder import load_onnx_encoder
+
+        self.cpu_encoder = load_onnx_encoder(self.image_encoder, self.image_size, self.identity, cache_dir)
 
     def dense_positional_encoding(self) -> torch.Tensor:
         """(1, 256, 64, 64) positional encoding of the embedding grid (SAM's ``get_dense_pe``)."""
@@ -141,15 +160,22 @@ def read_state_dict(path: Path, what: str = "checkpoint") -> dict[str, torch.Ten
     if not path.is_file():
         raise CheckpointError(f"{what} {path}: no such file.")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; the outcome says it all
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0][:200]
+        # torch's first line suggests re-running with weights_only=False: name what the file would run instead.
+        called = re.search(r"GLOBAL ([\w.]+)", str(error))
+        lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith(
+            ("Weights only load failed", "Please file an issue", "Check the documentation"))]
+        reason = f"it would call {called.group(1)}" if called else (lines[0] if lines else "not plain weights")[:200]
         raise CheckpointError(
             f"{what} {path}: refused, it holds Python objects beyond plain weights ({reason}). Only load model "
             "files from a source you trust, saved as plain state dicts."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        # the first sentence: torch's zip reader goes on about "a high likelihood that your checkpoint file is..."
+        reason = str(error).strip().splitlines()[0].split(". ")[0][:200] if str(error).strip() else type(error).__name__
         raise CheckpointError(
             f"{what} {path}: not a readable PyTorch weights file ({reason}); it may be truncated or corrupt. "
             "Download or copy it again."
