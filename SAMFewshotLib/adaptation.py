@@ -8,6 +8,7 @@ stand-in for intensity scaling/shifting (an encoded image cannot be re-windowed 
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,11 +33,18 @@ class AdaptationSettings:
     augment: bool = True
     seed: int = 0
     window: int | None = 32  # train on windows of this many embedding cells (None: whole 64x64 grid)
+    # optimiser steps when continuing from the decoder of a previous run on this volume: a fixed budget, so
+    # that re-propagating after a correction stays quick however many slices are painted
+    refine_steps: int = 30
 
     def iterations_for(self, support_slices: int) -> int:
         if self.iterations is not None:
             return int(self.iterations)
         return paper_iterations(support_slices)
+
+    def refine_passes(self, support_slices: int) -> int:
+        steps_per_pass = max(1, -(-support_slices // self.batch_size))
+        return max(1, -(-self.refine_steps // steps_per_pass))
 
 
 def paper_iterations(support_slices: int) -> int:
@@ -70,6 +78,7 @@ def adapt_decoder(
     *,
     progress: Callable[[str, int, int], None] | None = None,
     cancel: threading.Event | None = None,
+    initial: FewShotMaskDecoder | None = None,
 ) -> tuple[FewShotMaskDecoder, list[float]]:
     """Fine-tune a few-shot decoder on the support slices.
 
@@ -77,16 +86,22 @@ def adapt_decoder(
         support_embeddings: (N, 256, 64, 64) embeddings of the painted slices.
         support_masks: label -> (N, 256, 256) {0,1} masks on the decoder's output grid (model space).
         targets: label -> (M, 256) target embeddings used as prompts for that label.
+        initial: a decoder already adapted to this structure on this volume (before the user corrected or
+            added a slice): training continues from it for about ``settings.refine_steps`` steps, which is
+            what makes re-propagation after a correction fast.
     Returns:
         The trained decoder (eval mode) and the loss per iteration.
     """
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     device = support_embeddings.device
-    decoder = FewShotMaskDecoder(model).to(device).train()
+    if initial is not None:
+        decoder = copy.deepcopy(initial).to(device).train()
+    else:
+        decoder = FewShotMaskDecoder(model).to(device).train()
     optimiser = torch.optim.Adam(decoder.parameters(), lr=settings.learning_rate, betas=settings.betas)
     count = support_embeddings.shape[0]
-    iterations = settings.iterations_for(count)
+    iterations = settings.iterations_for(count) if initial is None else settings.refine_passes(count)
     losses = []
     for iteration in range(iterations):
         order = torch.randperm(count, generator=generator)

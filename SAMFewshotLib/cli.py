@@ -18,7 +18,7 @@ import sys
 import time
 
 from . import __version__
-from .errors import Cancelled, SAMFewshotError
+from .errors import Cancelled, InputError, SAMFewshotError
 
 log = logging.getLogger("samfewshot")
 
@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
 
     def adaptation(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--seed", type=int, default=0, help="random seed (training is deterministic under it)")
+        sub.add_argument("--seed", type=int, default=0,
+                         help="random seed, 0 to 2**63-1 (training is deterministic under it)")
         sub.add_argument("--window", default="auto",
                          help="intensity window: auto (robust percentiles), ct-soft-tissue, ct-bone or LOW,HIGH")
         sub.add_argument("--iterations", type=int, default=None,
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     adaptation(segment)
     segment.add_argument("--method", default="default", help="default (= fill-walk), fill-walk, seed (the paper's per-slice prediction) or seed-linked")
     segment.add_argument("--save-model", default=None, help="also save the adapted model to this file")
+    segment.add_argument("--report", default=None,
+                         help="also write per-slice confidence and the suggested next slice to this .json or .csv "
+                              "(default method only)")
 
     train = commands.add_parser("train", help="adapt on painted slices of one or more volumes; save the model")
     train.add_argument("--image", action="append", required=True, help="a volume (repeat with --labels)")
@@ -100,12 +104,20 @@ class Progress:
             self.bar = None
 
 
+def torch_out_of_memory() -> tuple[type[BaseException], ...]:
+    """torch.OutOfMemoryError, without importing torch for --help (it takes seconds)."""
+    torch = sys.modules.get("torch")
+    return (torch.OutOfMemoryError,) if torch is not None and hasattr(torch, "OutOfMemoryError") else ()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="samfewshot: warning: %(message)s", stream=sys.stderr)
     progress = Progress(args.quiet)
     try:
+        if not 0 <= getattr(args, "seed", 0) < 2**63:  # what PyTorch and NumPy both accept
+            raise InputError(f"--seed {args.seed}: use a whole number from 0 to 2**63-1.")
         return {"segment": _segment, "train": _train, "apply": _apply}[args.command](args, progress)
     except Cancelled as error:
         print(f"samfewshot: {error}", file=sys.stderr)
@@ -118,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         progress.close()
         print("samfewshot: interrupted; nothing was written.", file=sys.stderr)
         return 130
+    except torch_out_of_memory():
+        # the encoder falls back to smaller batches and the CPU by itself; the decoder's fine-tuning does not
+        progress.close()
+        print("samfewshot: error: the GPU ran out of memory while adapting the decoder; close other GPU programs "
+              "or run with --device cpu.", file=sys.stderr)
+        return 1
     except MemoryError:
         progress.close()
         print("samfewshot: error: out of memory; close other programs or use a smaller volume.", file=sys.stderr)
@@ -141,6 +159,10 @@ def _segment(args, progress: Progress) -> int:
     output = check_output_path(args.output, inputs[:2])
     if args.save_model:
         check_output_path(args.save_model, inputs[:2] + [args.output])
+    if args.report:
+        check_output_path(args.report, inputs[:2] + [args.output] + ([args.save_model] if args.save_model else []))
+        if args.method not in ("default", "fill-walk"):
+            raise InputError("--report needs the default method (fill-walk): confidence comes from its walk.")
     image = read_volume(args.image)
     labels = read_label_map(args.labels, image)
     started = time.perf_counter()
@@ -153,6 +175,14 @@ def _segment(args, progress: Progress) -> int:
     if args.save_model:
         result.adapted.save(args.save_model)
         print(f"saved adapted model to {args.save_model}")
+    if args.report:
+        from .confidence import per_slice, write_report
+
+        write_report(args.report, result.confidence, result.painted.axis_name, result.suggested_slice)
+        lowest = sorted(per_slice(result.confidence).items(), key=lambda item: item[1])[:3]
+        weakest = ", ".join(f"{index} ({value:.2f})" for index, value in lowest)
+        print(f"wrote {args.report}: least confident {result.painted.axis_name} slices {weakest}; "
+              f"paint slice {result.suggested_slice} next")
     cached = ", all embeddings from the cache" if result.encoded_slices == 0 else ""
     print(f"wrote {output} ({time.perf_counter() - started:.1f} s; encoded {result.encoded_slices} slices{cached})")
     return 0

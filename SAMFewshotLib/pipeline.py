@@ -14,13 +14,14 @@ import torch
 
 from .adaptation import AdaptationSettings, adapt_decoder, target_embeddings
 from .adapted_model import AdaptedModel
+from .confidence import SliceConfidence, label_confidence, suggest_slice
 from .embeddings import VolumeEmbeddings, check_cancel, slice_stack
 from .errors import InputError
 from .fewshot_decoder import FewShotMaskDecoder
 from .intensity import IntensityWindow
 from .models import DEFAULT_MODEL, SamModel, load_model, resolve_device
 from .painted_slices import PaintedSlices, find_painted_slices, numpy_axis_for
-from .spatial import keep_components_linked_to_painted, walk_beyond_painted
+from .spatial import WalkReport, keep_components_linked_to_painted, walk_beyond_painted
 from .propagation import paste_painted, predict_probabilities, probabilities_to_labels
 from .volume_io import Volume, check_volume, label_dtype
 
@@ -52,6 +53,9 @@ class SegmentationResult:
     encoded_slices: int = 0  # slices that went through the encoder (0 when all came from the cache)
     losses: list[float] = field(default_factory=list)
     seed_labels: np.ndarray | None = None  # the paper's per-slice prediction before any spatial post-processing
+    confidence: list[SliceConfidence] | None = None  # per slice and label (default method only)
+    suggested_slice: int | None = None  # the slice whose painting would help most (along painted.axis)
+    adaptation: Adaptation | None = None  # pass as ``previous`` to re-propagate quickly after a correction
 
 
 @dataclass
@@ -92,22 +96,44 @@ def adapt_to_painted(
     iterations: int | None = None,
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    previous: Adaptation | None = None,
 ) -> Adaptation:
-    """Find the painted slices, encode them, and fine-tune one decoder per label (see ``segment_volume``)."""
+    """Find the painted slices, encode them, and fine-tune one decoder per label (see ``segment_volume``).
+
+    ``previous``: the adaptation of an earlier run on the same volume (the user has since corrected or
+    added slices). Its embeddings are reused and each label's decoder continues training from the previous
+    one for a few steps instead of starting again from SAM's (``AdaptationSettings.refine_steps``).
+    It is ignored when the volume, axis, model or intensity window differ.
+    """
     started = time.perf_counter()
     check_volume(image)
     labels = _check_labels(labels, image)
     painted = find_painted_slices(labels, image.spacing, image.direction_matrix, axis)
+    if len(painted.indices) == labels.shape[painted.axis]:
+        raise InputError(
+            f"every {painted.axis_name} slice ({len(painted.indices)}) is painted: there is nothing left to propagate. "
+            "Paint a few slices only, or use the label map as it is."
+        )
     window = window if isinstance(window, IntensityWindow) else IntensityWindow.parse(window)
     sam = model if isinstance(model, SamModel) else get_model(model, device)
     loaded = time.perf_counter()
+    encoded_before = previous.embeddings.encode_seconds if previous is not None else 0.0
     embeddings = VolumeEmbeddings(sam, image, painted.axis, window=window, cache_dir=cache_dir,
                                   progress=progress, cancel=cancel)
+    initial = None
+    if previous is not None and previous.embeddings.key == embeddings.key:
+        embeddings = previous.embeddings  # already holds the slices encoded so far
+        embeddings.progress, embeddings.cancel = progress, cancel
+        initial = previous.decoders
     label_stack = slice_stack(labels, painted.axis)
     support = Support(embeddings, painted.indices, label_stack[list(painted.indices)])
     settings = AdaptationSettings(iterations=iterations, seed=seed)
-    decoders, targets, losses = adapt([support], painted.label_values, settings, progress=progress, cancel=cancel)
-    timings = {"load": loaded - started, "adapt": time.perf_counter() - loaded - embeddings.encode_seconds}
+    decoders, targets, losses = adapt([support], painted.label_values, settings, progress=progress, cancel=cancel,
+                                      initial=initial)
+    encode_seconds = embeddings.encode_seconds - (encoded_before if embeddings is getattr(previous, "embeddings", None)
+                                                  else 0.0)
+    timings = {"load": loaded - started, "adapt": time.perf_counter() - loaded - encode_seconds,
+               "encode": encode_seconds}
     return Adaptation(sam, painted, embeddings, label_stack, decoders, targets, settings, window, losses, timings)
 
 
@@ -136,15 +162,19 @@ def propagate(
         if method == "seed-linked":
             linked = keep_components_linked_to_painted(seed_stack, label_stack, painted.indices)
             result_stack = paste_painted(linked, label_stack, painted.indices)
+        confidence = None
     else:
-        result_stack = _fill_and_walk(adaptation, dtype, progress, cancel)
+        result_stack, walks = _fill_and_walk(adaptation, dtype, progress, cancel)
+        confidence = [item for value in painted.label_values
+                      for item in label_confidence(result_stack, label_stack, painted.indices, value, walks[value])]
 
     def volume(stack: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(np.moveaxis(stack, 0, painted.axis))
 
     timings = dict(adaptation.timings)
-    timings["encode"] = embeddings.encode_seconds
-    timings["propagate"] = time.perf_counter() - started - (embeddings.encode_seconds - encoded_before)
+    encoded_here = embeddings.encode_seconds - encoded_before
+    timings["encode"] = adaptation.timings["encode"] + encoded_here
+    timings["propagate"] = time.perf_counter() - started - encoded_here
     timings["total"] = sum(timings.values())
     names = {v: (label_names or {}).get(v, f"label {v}") for v in painted.label_values}
     adapted = AdaptedModel.from_decoders(
@@ -153,7 +183,8 @@ def propagate(
          "seed": adaptation.settings.seed, "support_slices": len(painted.indices)},
     )
     return SegmentationResult(volume(result_stack), painted, adapted, timings, embeddings.encoded_slices,
-                              adaptation.losses, None if seed_stack is None else volume(seed_stack))
+                              adaptation.losses, None if seed_stack is None else volume(seed_stack),
+                              confidence, suggest_slice(confidence) if confidence else None, adaptation)
 
 
 def segment_volume(
@@ -171,6 +202,7 @@ def segment_volume(
     label_names: dict[int, str] | None = None,
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    previous: Adaptation | None = None,
 ) -> SegmentationResult:
     """Adapt the decoders to the painted slices of ``labels`` and segment the whole of ``image``.
 
@@ -180,14 +212,17 @@ def segment_volume(
             A painted slice holds every label present on it (labels absent there are background).
         axis: "auto", an anatomical name, or a numpy axis.
         method: "default" (the best measured method), or one of ``METHODS``.
+        previous: ``SegmentationResult.adaptation`` of an earlier run on this volume, to re-propagate
+            quickly after the user corrected or added slices (see ``adapt_to_painted``).
     """
     _resolve_method(method)
     adaptation = adapt_to_painted(image, labels, model=model, device=device, axis=axis, cache_dir=cache_dir,
-                                  seed=seed, window=window, iterations=iterations, progress=progress, cancel=cancel)
+                                  seed=seed, window=window, iterations=iterations, progress=progress, cancel=cancel,
+                                  previous=previous)
     return propagate(adaptation, method, label_names=label_names, progress=progress, cancel=cancel)
 
 
-def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel) -> np.ndarray:
+def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel) -> tuple[np.ndarray, dict[int, WalkReport]]:
     """Fill-between-slices inside the painted range, then the few-shot decoder walks beyond it.
 
     Between painted slices, morphological contour interpolation (Slicer's Fill between slices) is hard to
@@ -198,13 +233,15 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel) -> np.ndarra
     from .baselines import fill_between_slices
 
     painted, label_stack, embeddings = adaptation.painted, adaptation.label_stack, adaptation.embeddings
-    result = fill_between_slices(label_stack, 0).astype(dtype)
+    # on each label's bounding box, as Slicer runs it: the same Dice on the development data (18 structures,
+    # k = 3/5/10) in a quarter of the time
+    result = fill_between_slices(label_stack, 0, crop=True).astype(dtype)
     result[list(painted.indices)] = label_stack[list(painted.indices)]
     rows_mm, cols_mm = embeddings.transform.pixel_spacing
     slice_mm = float(np.asarray(embeddings.volume.spacing)[::-1][painted.axis])
     # beyond its painted range a structure tapers: let its boundary move at most one slice spacing per slice
     radius = int(np.ceil(slice_mm / min(rows_mm, cols_mm)))
-    walked = 0
+    walked, walks = 0, {}
 
     for value in painted.label_values:
         def probability(index: int, direction: int, value=value) -> np.ndarray:
@@ -218,8 +255,8 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel) -> np.ndarra
             single = {value: adaptation.targets[value]}
             return predict_probabilities({value: adaptation.decoders[value]}, single, embeddings, [index])[value][0]
 
-        walk_beyond_painted(result, label_stack, painted.indices, value, probability, radius)
-    return result
+        walks[value] = walk_beyond_painted(result, label_stack, painted.indices, value, probability, radius)
+    return result, walks
 
 
 def train_adapted_model(
@@ -307,6 +344,7 @@ def adapt(
     *,
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    initial: dict[int, FewShotMaskDecoder] | None = None,
 ) -> tuple[dict[int, FewShotMaskDecoder], dict[int, torch.Tensor], list[float]]:
     """Encode the support slices, compute target embeddings per label and fine-tune one decoder per label.
 
@@ -339,7 +377,8 @@ def adapt(
                 progress(f"{stage} label {value}", done, total)
 
         decoders[value], label_losses = adapt_decoder(sam, support_embeddings, {value: masks[value]}, targets, settings,
-                                                      progress=label_progress, cancel=cancel)
+                                                      progress=label_progress, cancel=cancel,
+                                                      initial=(initial or {}).get(value))
         losses.extend(label_losses)
     return decoders, targets, losses
 

@@ -9,6 +9,7 @@ regions must connect to painted voxels of the same label, either in 3D after the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -33,6 +34,26 @@ def keep_components_linked_to_painted(
     return result
 
 
+@dataclass
+class WalkStep:
+    index: int  # slice written
+    mean_probability: float  # decoder's mean foreground probability over the voxels written
+    overlap: float  # Dice between this slice's mask and the previous slice's
+
+
+@dataclass
+class WalkReport:
+    """What a walk did: the slices it wrote and why it stopped at each end (for confidence, see confidence.py)."""
+
+    steps: list[WalkStep] = field(default_factory=list)
+    # direction (-1, +1) -> (first slice not written, reason): "empty", "spread", "grew", "edge" or "painted"
+    stops: dict[int, tuple[int, str]] = field(default_factory=dict)
+
+    @property
+    def written(self) -> list[int]:
+        return [step.index for step in self.steps]
+
+
 def walk_beyond_painted(
     result: np.ndarray,
     painted: np.ndarray,
@@ -40,7 +61,7 @@ def walk_beyond_painted(
     value: int,
     probability: Callable[[int, int], np.ndarray],
     step_radius: int,
-) -> list[int]:
+) -> WalkReport:
     """Extend label ``value`` slice by slice beyond its first and last painted slice.
 
     Each new slice keeps the voxels the decoder calls foreground that belong to a region touching the
@@ -56,19 +77,24 @@ def walk_beyond_painted(
             direction (+1/-1) lets the caller prefetch the next slices.
         step_radius: how far (voxels, in-plane) a boundary may move from one slice to the next.
     Returns:
-        The slices written.
+        The slices written, with the decoder's certainty on each, and where and why each end stopped.
     """
     painted_set = set(int(i) for i in painted_indices)
     with_value = [i for i in sorted(painted_set) if np.any(painted[i] == value)]
+    report = WalkReport()
     if not with_value:
-        return []
+        return report
     structure = ndimage.generate_binary_structure(2, 1)
-    written = []
     for start, direction in ((with_value[0], -1), (with_value[-1], +1)):
         previous = painted[start] == value
         index = start + direction
-        while 0 <= index < result.shape[0] and index not in painted_set:
-            foreground = probability(index, direction) > 0.5
+        reason = "edge"
+        while 0 <= index < result.shape[0]:
+            if index in painted_set:
+                reason = "painted"
+                break
+            probabilities = probability(index, direction)
+            foreground = probabilities > 0.5
             regions, _ = ndimage.label(foreground)
             touching = np.unique(regions[foreground & ndimage.binary_dilation(previous, structure)])
             attached = np.isin(regions, touching[touching > 0])
@@ -77,10 +103,15 @@ def walk_beyond_painted(
             # region spreads far beyond where the structure can be (it has run into look-alike neighbours).
             # Beyond its painted range a structure tapers to its end: a cross-section that suddenly grows
             # has walked into a neighbour that touches it (femoral head into the hip bone).
-            if not current.any() or attached.sum() > 2 * current.sum() or current.sum() > 1.25 * previous.sum():
+            reason = ("empty" if not current.any() else "spread" if attached.sum() > 2 * current.sum()
+                      else "grew" if current.sum() > 1.25 * previous.sum() else None)
+            if reason:
                 break
             result[index][current & (result[index] == 0)] = value
-            written.append(index)
+            overlap = 2 * float((current & previous).sum()) / float(current.sum() + previous.sum())
+            report.steps.append(WalkStep(index, float(probabilities[current].mean()), overlap))
             previous = current
             index += direction
-    return written
+            reason = "edge"
+        report.stops[direction] = (index, reason)
+    return report

@@ -136,6 +136,18 @@ def _check_cancel(cancel: threading.Event | None) -> None:
         raise Cancelled("cancelled; nothing was written.")
 
 
+# The last adaptation per (volume node, segment): after the user corrects a slice and propagates again, the
+# library reuses its embeddings and continues from its decoders (a few seconds instead of a full fine-tuning).
+# Only the most recent volume is kept, so memory does not grow with every volume opened.
+_previous: dict[tuple[str, str], object] = {}
+
+
+def _remember(volume_node_id: str, segment_id: str, adaptation) -> None:
+    for key in [k for k in _previous if k[0] != volume_node_id]:
+        del _previous[key]
+    _previous[(volume_node_id, segment_id)] = adaptation
+
+
 def _propagate(request, image, reorientation, report, cancel):
     from SAMFewshotLib.pipeline import segment_volume
 
@@ -156,7 +168,9 @@ def _propagate(request, image, reorientation, report, cancel):
             label_names={1: task.name},
             progress=_reporter(report, prefix),
             cancel=cancel,
+            previous=_previous.get((request.volume_node_id, task.segment_id)),
         )
+        _remember(request.volume_node_id, task.segment_id, result.adaptation)
         encoded += int(getattr(result, "encoded_slices", 0))
         mask = reorientation.from_canonical(np.asarray(result.labels) == 1).astype(np.uint8)
         results.append(SegmentResult(task.segment_id, task.name, task.color, mask, task.axis, task.indices,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -23,10 +24,17 @@ def run(*args, capsys):
 def test_segment_writes_a_label_map_in_the_image_geometry(tmp_path, cache_dir, capsys, sample_painted):
     output = tmp_path / "out" / "labels.nii.gz"
     model = tmp_path / "adapted.safetensors"
+    report = tmp_path / "report.json"
     code, out, err = run("segment", SAMPLE_CT, SAMPLE_PAINTED, "-o", output, "--cache-dir", cache_dir,
-                         "--device", "cpu", "--iterations", "1", "--save-model", model, "--quiet", capsys=capsys)
+                         "--device", "cpu", "--iterations", "1", "--save-model", model, "--report", report,
+                         "--quiet", capsys=capsys)
     assert code == 0, err
     assert "5 painted axial slices" in out and "10, 18, 27, 35, 43" in out
+    written = json.loads(report.read_text())
+    assert written["axis"] == "axial"
+    assert written["suggested_slice"] not in PAINTED_SLICES and f"paint slice {written['suggested_slice']} next" in out
+    assert {row["index"] for row in written["slices"]} == set(range(48))
+    assert all(row["confidence"] == 1.0 for row in written["slices"] if row["index"] in PAINTED_SLICES)
     assert err == ""  # --quiet: no progress
     image, labels = sitk.ReadImage(str(SAMPLE_CT)), sitk.ReadImage(str(output))
     assert labels.GetSize() == image.GetSize()
@@ -126,3 +134,11 @@ def test_console_script_runs_as_a_module():
     assert completed.returncode == 0
     for command in ("segment", "train", "apply"):
         assert command in completed.stdout
+
+
+def test_report_needs_the_default_method(tmp_path, capsys):
+    code, out, err = run("segment", SAMPLE_CT, SAMPLE_PAINTED, "-o", tmp_path / "out.nii.gz", "--method", "seed",
+                         "--report", tmp_path / "report.json", capsys=capsys)
+    assert code == 1
+    assert err.strip().startswith("samfewshot: error: --report needs the default method")
+    assert not (tmp_path / "out.nii.gz").exists() and not (tmp_path / "report.json").exists()

@@ -119,3 +119,27 @@ def test_label_map_of_another_size_is_refused(sample_image, model, cache_dir):
 def test_empty_label_map_is_refused(sample_image, model, cache_dir):
     with pytest.raises(InputError, match="empty"):
         segment_volume(sample_image, np.zeros(sample_image.shape, np.uint8), model=model, cache_dir=cache_dir)
+
+
+def test_repropagation_after_painting_one_more_slice_continues_from_the_previous_run(
+        sample_result, sample_image, sample_painted, sample_reference, model, cache_dir):
+    from SAMFewshotLib.adaptation import AdaptationSettings
+
+    corrected = sample_painted.copy()
+    extra = 31  # between the painted slices 27 and 35
+    corrected[extra] = sample_reference[extra]
+    previous = sample_result.adaptation
+    encoded_before = previous.embeddings.encoded_slices
+    result = segment_volume(sample_image, corrected, model=model, cache_dir=cache_dir, previous=previous)
+    assert result.painted.indices == tuple(sorted(PAINTED_SLICES + (extra,)))
+    assert result.adaptation.embeddings is previous.embeddings  # embeddings reused from memory
+    assert previous.embeddings.encoded_slices - encoded_before <= 1  # at most the newly painted slice
+    passes = AdaptationSettings().refine_passes(len(result.painted.indices))
+    assert passes < AdaptationSettings().iterations_for(len(result.painted.indices))
+    assert len(result.losses) == 2 * passes  # liver and spleen each trained a few passes, not the full schedule
+    np.testing.assert_array_equal(result.labels[extra], sample_reference[extra])
+    painted = PAINTED_SLICES + (extra,)
+    keep = [i for i in range(result.labels.shape[0]) if i not in painted]
+    liver = dice(result.labels[keep] == 1, sample_reference[keep] == 1)
+    assert liver >= 0.85, f"liver Dice after re-propagation {liver:.3f}"
+

@@ -1,0 +1,158 @@
+"""Per-slice confidence of a propagated segmentation, and the slice worth painting next.
+
+The default method fills between painted slices by contour interpolation and lets the decoder walk beyond
+them, so what can go wrong differs by where a slice lies:
+
+- between two painted slices, interpolation is only as good as the structure is smooth there: the less the
+  two bracketing painted masks overlap, and the farther the slice is from both, the less it can be trusted;
+- beyond the painted range, the walk is as good as the decoder is sure (its mean foreground probability)
+  and as the shape is continuous (overlap with the previous slice);
+- at the end of a walk, the structure's extent is uncertain unless the decoder stopped because it saw
+  nothing attached there any more.
+
+On every slice, small cross-sections score lower: their Dice suffers most from a boundary one voxel off
+(the area / (area + boundary) factor). None of this is fitted to data; benchmarks/suggest_slices.py measures
+how well it ranks slices (Spearman correlation with slice Dice) and how many painted slices the suggestion
+saves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from .spatial import WalkReport
+
+# confidence that a slice beyond a walk's end is really empty, by why the walk stopped
+END_CONFIDENCE = {"empty": 0.7, "edge": 1.0, "painted": 1.0, "spread": 0.4, "grew": 0.4}
+
+
+@dataclass
+class SliceConfidence:
+    index: int  # slice index along the painted axis
+    label: int
+    confidence: float  # 0 (guess) .. 1 (certain)
+    area: int  # voxels of the label on this slice in the result
+    kind: str  # "painted", "interpolated", "walked", "end" (first slice past a walk) or "outside"
+    expected_error: float  # (1 - certainty of the shape) x the area at stake, in voxels: what painting it could fix
+
+    @property
+    def uncertain_end(self) -> bool:
+        return self.kind == "end" and self.confidence < 0.5
+
+
+def boundary_factor(mask: np.ndarray) -> float:
+    """area / (area + boundary voxels): near 1 for large cross-sections, lower for thin or small ones."""
+    area = int(mask.sum())
+    if area == 0:
+        return 1.0
+    boundary = int((mask & ~ndimage.binary_erosion(mask)).sum())
+    return area / (area + boundary)
+
+
+def dice_2d(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def label_confidence(
+    result: np.ndarray,
+    painted: np.ndarray,
+    painted_indices: Sequence[int],
+    value: int,
+    walk: WalkReport | None = None,
+) -> list[SliceConfidence]:
+    """Confidence of every slice for one label.
+
+    Args:
+        result: (N, rows, cols) propagated label stack, slices along axis 0.
+        painted: (N, rows, cols) the user's label stack; ``painted_indices`` the painted slices.
+        walk: what the decoder's walk beyond the painted range did (None: no walk, e.g. Fill-between alone).
+    """
+    count = result.shape[0]
+    painted_set = set(int(i) for i in painted_indices)
+    with_value = [i for i in sorted(painted_set) if np.any(painted[i] == value)]
+    steps = {step.index: step for step in (walk.steps if walk else [])}
+    ends = {index: reason for index, reason in (walk.stops.values() if walk else [])}
+    masks = result == value
+    out = []
+    for index in range(count):
+        mask = masks[index]
+        area = int(mask.sum())
+        at_stake = area
+        # ``certainty``: how sure the shape is; the boundary factor then lowers the confidence of small
+        # cross-sections, but painting a slice cannot fix that, so the expected error uses certainty alone
+        if index in painted_set:
+            kind, certainty = "painted", 1.0
+        elif with_value and with_value[0] < index < with_value[-1]:
+            below = max(i for i in with_value if i < index)
+            above = min(i for i in with_value if i > index)
+            t = (index - below) / (above - below)
+            change = 1.0 - dice_2d(painted[below] == value, painted[above] == value)
+            kind, certainty = "interpolated", 1.0 - change * 2.0 * min(t, 1.0 - t)
+        elif index in steps:
+            step = steps[index]
+            kind = "walked"
+            certainty = float(np.clip(2.0 * step.mean_probability - 1.0, 0.0, 1.0)) * step.overlap
+        elif index in ends and walk is not None:
+            kind = "end"
+            certainty = END_CONFIDENCE.get(ends[index], 0.5)
+            # what is at stake past an uncertain end: about the last written slice's cross-section
+            neighbour = index + (1 if index < (with_value[0] if with_value else 0) else -1)
+            at_stake = max(area, int(masks[neighbour].sum()) if 0 <= neighbour < count else 0)
+        else:
+            kind, certainty = "outside", 1.0
+        certainty = float(np.clip(certainty, 0.0, 1.0))
+        confidence = certainty * (boundary_factor(mask) if kind != "painted" else 1.0)
+        out.append(SliceConfidence(index, int(value), confidence, area, kind, (1.0 - certainty) * at_stake))
+    return out
+
+
+def suggest_slice(confidences: Sequence[SliceConfidence]) -> int | None:
+    """The unpainted slice with the most expected error summed over labels; None when nothing is at stake."""
+    totals: dict[int, float] = {}
+    for item in confidences:
+        if item.kind != "painted":
+            totals[item.index] = totals.get(item.index, 0.0) + item.expected_error
+    if not totals:
+        return None
+    best = max(totals, key=lambda i: (totals[i], -i))
+    return best if totals[best] > 0 else None
+
+
+def per_slice(confidences: Sequence[SliceConfidence]) -> dict[int, float]:
+    """Slice index -> the lowest confidence of any label on it."""
+    lowest: dict[int, float] = {}
+    for item in confidences:
+        lowest[item.index] = min(lowest.get(item.index, 1.0), item.confidence)
+    return lowest
+
+
+def write_report(path: str | Path, confidences: Sequence[SliceConfidence], axis_name: str,
+                 suggestion: int | None, label_names: dict[int, str] | None = None) -> Path:
+    """JSON (or CSV if the path ends in .csv) with a row per slice and label, and the suggested slice."""
+    path = Path(path)
+    rows = [dict(asdict(c), uncertain_end=c.uncertain_end,
+                 name=(label_names or {}).get(c.label, f"label {c.label}")) for c in confidences]
+    if path.suffix.lower() == ".csv":
+        import csv
+
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["index"])
+            writer.writeheader()
+            writer.writerows(rows)
+        return path
+    uncertain_ends = sorted({c.index for c in confidences if c.uncertain_end})
+    payload = {
+        "axis": axis_name,
+        "suggested_slice": suggestion,
+        "uncertain_ends": uncertain_ends,
+        "slices": rows,
+    }
+    path.write_text(json.dumps(payload, indent=1))
+    return path

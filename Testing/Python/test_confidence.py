@@ -1,0 +1,90 @@
+"""Per-slice confidence and the suggested next slice: synthetic stacks for the rules, the sample CT for the
+ranking a user relies on (weak slices really are the worse ones)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from conftest import PAINTED_SLICES, dice
+from SAMFewshotLib.confidence import label_confidence, per_slice, suggest_slice, write_report
+from SAMFewshotLib.spatial import WalkReport, WalkStep
+
+
+def disc(radius: float, centre=(20, 20), shape=(40, 40)) -> np.ndarray:
+    rows, cols = np.ogrid[: shape[0], : shape[1]]
+    return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2
+
+
+def stacks(painted_radii: dict[int, float], count: int = 21):
+    painted = np.zeros((count, 40, 40), np.uint8)
+    for index, radius in painted_radii.items():
+        painted[index] = disc(radius)
+    return painted
+
+
+def test_interpolated_slices_are_least_sure_midway_where_the_painted_shapes_differ():
+    painted = stacks({0: 10, 10: 10, 20: 4})  # steady from 0 to 10, shrinking fast from 10 to 20
+    result = painted.copy()
+    for index in range(1, 20):
+        if index not in (10,):
+            result[index] = disc(10 if index < 10 else 10 - 0.6 * (index - 10))
+    confidence = {c.index: c for c in label_confidence(result, painted, [0, 10, 20], 1)}
+    assert confidence[10].kind == "painted" and confidence[10].confidence == 1.0
+    assert confidence[15].kind == "interpolated"
+    assert confidence[15].confidence < confidence[12].confidence < confidence[11].confidence
+    assert confidence[5].confidence > confidence[15].confidence  # same shapes at both ends: safe
+    assert confidence[5].expected_error == 0.0
+    assert 13 <= suggest_slice(list(confidence.values())) <= 16  # the middle of the changing gap
+
+
+def test_walk_confidence_follows_the_decoder_and_an_end_that_grew_is_uncertain():
+    painted = stacks({5: 8, 15: 8})
+    result = painted.copy()
+    for index in range(6, 15):
+        result[index] = disc(8)
+    result[16], result[17] = disc(7), disc(6)
+    walk = WalkReport(steps=[WalkStep(16, 0.95, 0.9), WalkStep(17, 0.6, 0.9)],
+                      stops={-1: (4, "empty"), +1: (18, "grew")})
+    confidence = {c.index: c for c in label_confidence(result, painted, [5, 15], 1, walk)}
+    assert confidence[16].kind == confidence[17].kind == "walked"
+    assert confidence[17].confidence < confidence[16].confidence  # the decoder was less sure there
+    assert confidence[18].kind == "end" and confidence[18].uncertain_end
+    assert confidence[4].kind == "end" and not confidence[4].uncertain_end  # the decoder saw nothing there
+    assert confidence[0].kind == "outside" and confidence[0].confidence == 1.0
+
+
+def test_report_lists_every_slice_and_the_suggestion(tmp_path):
+    painted = stacks({0: 10, 20: 5})
+    result = painted.copy()
+    for index in range(1, 20):
+        result[index] = disc(10 - index / 4)
+    confidence = label_confidence(result, painted, [0, 20], 1)
+    suggestion = suggest_slice(confidence)
+    assert suggestion == 10
+    report = json.loads(write_report(tmp_path / "r.json", confidence, "axial", suggestion, {1: "liver"}).read_text())
+    assert report["suggested_slice"] == 10 and report["axis"] == "axial"
+    assert len(report["slices"]) == 21 and report["slices"][0]["name"] == "liver"
+    table = write_report(tmp_path / "r.csv", confidence, "axial", suggestion).read_text().splitlines()
+    assert len(table) == 22 and table[0].startswith("index,label,confidence")
+
+
+def test_low_confidence_slices_of_the_sample_are_the_worse_ones(sample_result, sample_reference):
+    assert sample_result.confidence is not None
+    lowest = per_slice(sample_result.confidence)
+    assert set(lowest) == set(range(sample_result.labels.shape[0]))
+    scored = []  # (confidence, Dice) per label and unpainted slice where the label is predicted or true
+    for item in sample_result.confidence:
+        reference = sample_reference[item.index] == item.label
+        labels = sample_result.labels[item.index] == item.label
+        if item.index in PAINTED_SLICES or not (reference.any() or labels.any()):
+            continue
+        scored.append((item.confidence, dice(labels, reference)))
+    confidence, slice_dice = np.array(scored).T
+    rho = spearmanr(confidence, slice_dice).statistic
+    assert rho >= 0.5, f"Spearman correlation of confidence and slice Dice {rho:.2f}"
+    suggestion = sample_result.suggested_slice
+    assert suggestion is not None and suggestion not in PAINTED_SLICES
+    assert lowest[suggestion] < np.median(list(lowest.values()))
