@@ -143,3 +143,24 @@ def test_repropagation_after_painting_one_more_slice_continues_from_the_previous
     liver = dice(result.labels[keep] == 1, sample_reference[keep] == 1)
     assert liver >= 0.85, f"liver Dice after re-propagation {liver:.3f}"
 
+
+
+def test_cancel_while_adapting_stops_there_and_leaves_the_cache_complete(sample_image, sample_painted, model,
+                                                                         cache_dir):
+    import os
+    import threading
+    from pathlib import Path
+
+    cancel, stages = threading.Event(), []
+
+    def progress(stage: str, done: int, total: int) -> None:
+        stages.append(stage)
+        if stage.startswith("adapting") and done == 1:
+            cancel.set()  # the user clicks Cancel during fine-tuning
+
+    with pytest.raises(Cancelled):
+        segment_volume(sample_image, sample_painted, model=model, cache_dir=cache_dir, iterations=3,
+                       progress=progress, cancel=cancel)
+    assert stages[-1].startswith("adapting") and not any(s == "propagating" for s in stages)
+    leftovers = [p for p in Path(cache_dir).rglob(f"*.{os.getpid()}.*.tmp")]
+    assert leftovers == []  # no half-written cache entry from this process
