@@ -76,7 +76,8 @@ class VolumeEmbeddings:
         key = volume_key(volume.array, volume.spacing, axis, model.identity, self.preprocessing)
         self.key = key  # identifies what is encoded: voxels, axis, model and preprocessing
         self.cache = EmbeddingCache(cache_dir, key) if use_disk_cache else None
-        self.cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        # where the exported CPU encoder goes (onnx_encoder.py): beside the embeddings
+        self.cache_root = self.cache.root if self.cache else Path(cache_dir or default_cache_dir())
         self.memory: dict[int, torch.Tensor] = {}
         # on a CPU batching gains nothing (measured: 2.6 s/slice at batch 1, 3.5 at batch 4 on 2 cores), and
         # one slice at a time lets a cancel take effect within a slice's time

@@ -117,7 +117,6 @@ def adapt_to_painted(
     window = window if isinstance(window, IntensityWindow) else IntensityWindow.parse(window)
     sam = model if isinstance(model, SamModel) else get_model(model, device)
     loaded = time.perf_counter()
-    encoded_before = previous.embeddings.encode_seconds if previous is not None else 0.0
     embeddings = VolumeEmbeddings(sam, image, painted.axis, window=window, cache_dir=cache_dir,
                                   progress=progress, cancel=cancel)
     initial = None
@@ -125,13 +124,13 @@ def adapt_to_painted(
         embeddings = previous.embeddings  # already holds the slices encoded so far
         embeddings.progress, embeddings.cancel = progress, cancel
         initial = previous.decoders
+    encoded_before = embeddings.encode_seconds  # a reused embeddings object has encoded before
     label_stack = slice_stack(labels, painted.axis)
     support = Support(embeddings, painted.indices, label_stack[list(painted.indices)])
     settings = AdaptationSettings(iterations=iterations, seed=seed)
     decoders, targets, losses = adapt([support], painted.label_values, settings, progress=progress, cancel=cancel,
                                       initial=initial)
-    encode_seconds = embeddings.encode_seconds - (encoded_before if embeddings is getattr(previous, "embeddings", None)
-                                                  else 0.0)
+    encode_seconds = embeddings.encode_seconds - encoded_before
     timings = {"load": loaded - started, "adapt": time.perf_counter() - loaded - encode_seconds,
                "encode": encode_seconds}
     return Adaptation(sam, painted, embeddings, label_stack, decoders, targets, settings, window, losses, timings)

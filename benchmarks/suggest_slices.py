@@ -217,7 +217,6 @@ def main(argv=None) -> int:
                         writer.writeheader()
                     writer.writerows(new)
                 rows.extend(new)
-    rows = [{k: v for k, v in r.items()} for r in rows]
     text = (f"Run on {machine_text()}, {dt.date.today().isoformat()}; command: "
             f"`python benchmarks/suggest_slices.py --max-k {args.max_k}`\n\n" + summarize(rows, args.target))
     out.with_suffix(".md").write_text(text)
