@@ -4,6 +4,8 @@
                        [--device auto|cpu|cuda] [--axis auto|axial|coronal|sagittal] [--cache-dir DIR] [--seed N]
     samfewshot train --image A --labels A_LABELS [--image B --labels B_LABELS ...] -o MODEL
     samfewshot apply MODEL IMAGE -o OUTPUT
+    samfewshot click IMAGE --slice N [--point x,y[,label] ...] [--box x0,y0,x1,y1] -o OUTPUT
+                     [--zero-shot [--tune-encoder STEPS]] [--learn-from LABELS] [--propagate] [--add-to LABELS]
 
 Progress goes to stderr (silenced by --quiet); what was found and written goes to stdout. Exit status 0 on
 success, 1 with a one-line error for anything the user can fix, 130 when interrupted.
@@ -29,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment a whole CT/MRI volume from a few painted slices with a few-shot adapted SAM.",
     )
     parser.add_argument("--version", action="version", version=f"samfewshot {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{segment,train,apply}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{segment,train,apply,click}")
 
     def common(sub: argparse.ArgumentParser, axis_default: str = "auto") -> None:
         sub.add_argument("--model", default="lite-medsam",
@@ -74,6 +76,38 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("-o", "--output", required=True, help="output label map")
     common(apply, axis_default="auto")
     apply.set_defaults(model=None)
+
+    click = commands.add_parser(
+        "click", help="segment one slice from clicks or a box (plain SAM, zero-shot, or learned prompts)",
+        description="Segment one slice from foreground/background clicks and/or a box. x is the slice's voxel "
+                    "column and y its row (for an axial slice: the image's i and j indices). The output is a label "
+                    "map with the mask on that slice (with --add-to: added to those painted labels, never "
+                    "overwriting them), ready as painted slices for 'samfewshot segment'.")
+    click.add_argument("image", help="the volume")
+    click.add_argument("--slice", type=int, required=True, help="slice index along --axis")
+    click.add_argument("--point", action="append", default=[], metavar="x,y[,label]",
+                       help="a click: label 1 (default) foreground, 0 background; repeat for more")
+    click.add_argument("--box", default=None, metavar="x0,y0,x1,y1", help="first and last column and row of a box")
+    click.add_argument("-o", "--output", required=True, help="output label map (same geometry as the image)")
+    click.add_argument("--label", type=int, default=1, help="label value of the mask (default 1)")
+    click.add_argument("--add-to", default=None, metavar="LABELS",
+                       help="painted label map to add the mask to (its painted voxels are kept as they are)")
+    click.add_argument("--zero-shot", action="store_true",
+                       help="from foreground clicks only: a coarse mask from the self-similarity of the image "
+                            "embedding at the clicks becomes SAM's prompt (Shaharabany et al.)")
+    click.add_argument("--tune-encoder", type=int, default=0, metavar="STEPS",
+                       help="with --zero-shot: fine-tune a copy of the image encoder on this slice for STEPS steps "
+                            "(BCE + Dice to the coarse mask; the paper uses 100, meant for a GPU)")
+    click.add_argument("--learn-from", default=None, metavar="LABELS",
+                       help="learn the prompt encoder from the slices painted with --label in this label map "
+                            "first (SAM-assist prompt learning), then decode the clicks with it")
+    click.add_argument("--propagate", action="store_true",
+                       help="walk the mask to the neighbouring slices, each slice's points prompting the next "
+                            "(SAM-auto prompt propagation), and write the whole volume")
+    common(click)
+    click.add_argument("--seed", type=int, default=0, help="random seed (prompt learning, propagation sampling)")
+    click.add_argument("--window", default="auto",
+                       help="intensity window: auto (robust percentiles), ct-soft-tissue, ct-bone or LOW,HIGH")
     return parser
 
 
@@ -118,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not 0 <= getattr(args, "seed", 0) < 2**63:  # what PyTorch and NumPy both accept
             raise InputError(f"--seed {args.seed}: use a whole number from 0 to 2**63-1.")
-        return {"segment": _segment, "train": _train, "apply": _apply}[args.command](args, progress)
+        return {"segment": _segment, "train": _train, "apply": _apply, "click": _click}[args.command](args, progress)
     except Cancelled as error:
         print(f"samfewshot: {error}", file=sys.stderr)
         return 130
@@ -223,6 +257,58 @@ def _apply(args, progress: Progress) -> int:
     write_label_map(labels, image, output)
     labels_found = ", ".join(adapted.label_names.get(v, str(v)) for v in sorted(adapted.targets))
     print(f"segmented {labels_found} along the {adapted.axis_name} axis with {args.model_file}; wrote {output}")
+    return 0
+
+
+def _click(args, progress: Progress) -> int:
+    from .interactive import InteractiveSession
+    from .prompts import SlicePrompt
+    from .volume_io import check_output_path, read_label_map, read_volume, write_label_map
+
+    inputs = [args.image] + [path for path in (args.add_to, args.learn_from) if path]
+    output = check_output_path(args.output, inputs)
+    prompt = SlicePrompt.parse(args.point, args.box)
+    if args.tune_encoder and not args.zero_shot:
+        raise InputError("--tune-encoder goes with --zero-shot (it fine-tunes the encoder to the coarse mask).")
+    if not 0 <= args.tune_encoder <= 10_000:
+        raise InputError(f"--tune-encoder {args.tune_encoder}: use 0 to 10000 steps.")
+    if args.zero_shot and args.learn_from:
+        raise InputError("choose --zero-shot (no painted slices) or --learn-from LABELS (painted slices), not both.")
+    if not 1 <= args.label <= 255:
+        raise InputError(f"--label {args.label}: use a whole number from 1 to 255.")
+    image = read_volume(args.image)
+    painted = read_label_map(args.add_to, image).array if args.add_to else None
+    session = InteractiveSession(image, axis=args.axis, model=args.model, device=args.device,
+                                 cache_dir=args.cache_dir, window=args.window, progress=progress)
+    session.check_index(args.slice)
+    prompt.check(session.slice_shape)
+    started = time.perf_counter()
+    prompt_encoder = None
+    if args.learn_from:
+        from .prompt_learning import learn_prompt_encoder
+
+        examples = read_label_map(args.learn_from, image).array
+        prompt_encoder = learn_prompt_encoder(session, examples, args.label, seed=args.seed, progress=progress)
+    if args.zero_shot:
+        from .zero_shot import zero_shot_segment
+
+        result = zero_shot_segment(session, args.slice, prompt, tune_encoder_steps=args.tune_encoder,
+                                   seed=args.seed, progress=progress)
+    else:
+        result = session.segment(args.slice, prompt, prompt_encoder=prompt_encoder)
+    masks = [result]
+    if args.propagate:
+        from .prompt_propagation import propagate_prompts
+
+        masks = propagate_prompts(session, result, prompt_encoder=prompt_encoder, seed=args.seed, progress=progress)
+    progress.close()
+    labels = session.add_to_labels(masks, args.label, painted)
+    write_label_map(labels, image, output)
+    voxels = int(sum(item.mask.sum() for item in masks))
+    where = (f"{len([m for m in masks if m.mask.any()])} {session.axis_name} slices" if args.propagate
+             else f"{session.axis_name} slice {args.slice}")
+    print(f"{voxels} voxels on {where} as label {args.label}; wrote {output} "
+          f"({time.perf_counter() - started:.1f} s; encoded {session.embeddings.encoded_slices} slices)")
     return 0
 
 
