@@ -114,15 +114,38 @@ def label_confidence(
 
 
 def suggest_slice(confidences: Sequence[SliceConfidence]) -> int | None:
-    """The unpainted slice with the most expected error summed over labels; None when nothing is at stake."""
+    """The unpainted slice whose painting should remove the most expected error; None when nothing is at stake.
+
+    Painting a slice fixes it and shortens the guesswork on both sides of it, up to the next painted slice.
+    So the unpainted slices are grouped into runs between painted slices (and beyond the first and last),
+    the run with the most expected error summed over its slices and labels is chosen, and within it the
+    slice that splits that error in half (its weighted median). One gap is thus bisected where the shapes
+    change most, and a walk beyond the painted range is checked halfway along, where the structure's end is
+    least known, rather than always at its single worst slice.
+    """
     totals: dict[int, float] = {}
+    painted: set[int] = set()
     for item in confidences:
-        if item.kind != "painted":
+        if item.kind == "painted":
+            painted.add(item.index)
+        else:
             totals[item.index] = totals.get(item.index, 0.0) + item.expected_error
-    if not totals:
+    runs: list[list[int]] = []
+    for index in sorted(totals):
+        if index in painted:
+            continue
+        if runs and index == runs[-1][-1] + 1 and not any(i in painted for i in range(runs[-1][-1] + 1, index)):
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    if not runs:
         return None
-    best = max(totals, key=lambda i: (totals[i], -i))
-    return best if totals[best] > 0 else None
+    best = max(runs, key=lambda run: (sum(totals[i] for i in run), -run[0]))
+    weights = np.array([totals[i] for i in best])
+    if weights.sum() <= 0:
+        return None
+    cumulative = np.cumsum(weights)
+    return int(best[int(np.searchsorted(cumulative, cumulative[-1] / 2.0))])
 
 
 def per_slice(confidences: Sequence[SliceConfidence]) -> dict[int, float]:

@@ -56,6 +56,33 @@ def test_walk_confidence_follows_the_decoder_and_an_end_that_grew_is_uncertain()
     assert confidence[0].kind == "outside" and confidence[0].confidence == 1.0
 
 
+def test_the_suggestion_bisects_the_run_with_the_most_expected_error():
+    # a short gap where the shape changes a lot (2..6) and a long one where it changes less (6..30):
+    # the long gap holds more error in all, so its weighted middle is the slice to paint
+    painted = stacks({2: 10, 6: 5, 30: 9}, count=33)
+    result = painted.copy()
+    for index in range(3, 30):
+        if index != 6:
+            result[index] = disc(10 - 1.25 * (index - 2) if index < 6 else 5 + (index - 6) / 6)
+    confidence = {c.index: c for c in label_confidence(result, painted, [2, 6, 30], 1)}
+    assert confidence[4].confidence < confidence[18].confidence  # the worst single slice is in the short gap
+    assert 14 <= suggest_slice(list(confidence.values())) <= 22
+
+
+def test_a_long_unsure_walk_is_checked_halfway_along():
+    painted = stacks({2: 8, 6: 8}, count=30)
+    result = painted.copy()
+    for index in range(3, 6):
+        result[index] = disc(8)
+    steps = []
+    for index in range(7, 25):
+        result[index] = disc(8 - (index - 7) / 4)
+        steps.append(WalkStep(index, 0.7, 0.8))
+    walk = WalkReport(steps=steps, stops={-1: (1, "empty"), +1: (25, "grew")})
+    suggestion = suggest_slice(label_confidence(result, painted, [2, 6], 1, walk))
+    assert 11 <= suggestion <= 18  # inside the walk, not at its first or last slice
+
+
 def test_report_lists_every_slice_and_the_suggestion(tmp_path):
     painted = stacks({0: 10, 20: 5})
     result = painted.copy()
@@ -63,9 +90,9 @@ def test_report_lists_every_slice_and_the_suggestion(tmp_path):
         result[index] = disc(10 - index / 4)
     confidence = label_confidence(result, painted, [0, 20], 1)
     suggestion = suggest_slice(confidence)
-    assert suggestion == 10
+    assert 8 <= suggestion <= 11  # midway, a little towards the larger cross-sections where more is at stake
     report = json.loads(write_report(tmp_path / "r.json", confidence, "axial", suggestion, {1: "liver"}).read_text())
-    assert report["suggested_slice"] == 10 and report["axis"] == "axial"
+    assert report["suggested_slice"] == suggestion and report["axis"] == "axial"
     assert len(report["slices"]) == 21 and report["slices"][0]["name"] == "liver"
     table = write_report(tmp_path / "r.csv", confidence, "axial", suggestion).read_text().splitlines()
     assert len(table) == 22 and table[0].startswith("index,label,confidence")
