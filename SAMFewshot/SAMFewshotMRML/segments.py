@@ -43,11 +43,11 @@ def volume_to_segmentation_matrix(volume_node, segmentation_node) -> np.ndarray:
     return vtk_to_numpy_matrix(between) @ ijk_to_ras(volume_node)
 
 
-def _oriented_image(mask: np.ndarray, image_to_world: np.ndarray, offset=(0, 0, 0)) -> slicer.vtkOrientedImageData:
-    """vtkOrientedImageData of a (K, J, I) mask whose first voxel has IJK index ``offset`` (I, J, K)."""
+def _oriented_image(mask: np.ndarray, image_to_world: np.ndarray) -> slicer.vtkOrientedImageData:
+    """vtkOrientedImageData of a (K, J, I) mask on the grid ``image_to_world`` describes."""
     k, j, i = mask.shape
     image = slicer.vtkOrientedImageData()
-    image.SetExtent(offset[0], offset[0] + i - 1, offset[1], offset[1] + j - 1, offset[2], offset[2] + k - 1)
+    image.SetExtent(0, i - 1, 0, j - 1, 0, k - 1)
     image.SetImageToWorldMatrix(numpy_to_vtk_matrix(image_to_world))
     scalars = numpy_support.numpy_to_vtk(np.ascontiguousarray(mask, dtype=np.uint8).ravel(), deep=True,
                                          array_type=vtk.VTK_UNSIGNED_CHAR)
@@ -96,21 +96,20 @@ def write_segment_mask(segmentation_node, segment_id: str, mask: np.ndarray, vol
     """Write a (K, J, I) 0/1 mask on the volume's grid into a segment.
 
     ``mode="replace"`` makes the segment exactly ``mask``; ``mode="add"`` adds its voxels and removes none.
-    Other segments are never changed (an overlap moves a segment to its own layer, as in Slicer).
+    Other segments are never changed (an overlap moves a segment to its own layer, as in Slicer). Either
+    way the segment is written on the volume's grid.
     """
     mask = np.asarray(mask) != 0
     matrix = volume_to_segmentation_matrix(volume_node, segmentation_node)
-    offset = (0, 0, 0)
     if mode == "add":
         if not mask.any():
             return
-        nonzero = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-        lo = [int(n[0]) for n in nonzero]
-        hi = [int(n[-1]) + 1 for n in nonzero]
-        mask = mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        offset = (lo[2], lo[1], lo[0])
+        # Slicer's merge mode writes the mask's raw value (1) into a shared labelmap layer, where 1 is the
+        # first segment's label: the voxels would land in another segment. Union first, then replace.
+        mask = mask | (read_segment_mask(segmentation_node, segment_id, volume_node) != 0)
+        mode = "replace"
     _ensure_binary_labelmap(segmentation_node, make_source=True)
-    image = _oriented_image(mask, matrix, offset)
+    image = _oriented_image(mask, matrix)
     if not Logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, MODES[mode]):
         raise _input_error(f"could not write segment '{segment_id}' of '{segmentation_node.GetName()}'.")
 

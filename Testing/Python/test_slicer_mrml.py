@@ -204,6 +204,13 @@ def test_masks_round_trip_through_shared_layers_overlaps_and_transforms(arrays):
     segments.write_segment_mask(segmentation, liver, overlap, volume, mode="add")
     assert np.array_equal(segments.read_segment_mask(segmentation, liver, volume), liver_mask | overlap)
     assert np.array_equal(segments.read_segment_mask(segmentation, spleen, volume), spleen_mask)
+    # the same into the second segment of a shared layer: its voxels must not land in the first one
+    more = np.zeros_like(spleen_mask)
+    more[22, 10:30, 60:90] = 1
+    segments.write_segment_mask(segmentation, spleen, more, volume, mode="add")
+    spleen_mask = spleen_mask | more
+    assert np.array_equal(segments.read_segment_mask(segmentation, spleen, volume), spleen_mask)
+    assert np.array_equal(segments.read_segment_mask(segmentation, liver, volume), liver_mask | overlap)
 
     # Slicer's own transform code as the reference: harden both, then read without any transform.
     slicer.vtkSlicerTransformLogic.hardenTransform(volume)
