@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -74,6 +75,83 @@ class Request:
         return "saved models" if self.adapted_model_paths else "propagation"
 
 
+class SliceNote(NamedTuple):
+    """How far one slice of a result can be trusted (``SAMFewshotLib.confidence``), on the node's array."""
+
+    index: int  # slice index along ``SliceAdvice.axis`` of the volume node's array
+    confidence: float  # 0 (a guess) .. 1 (certain); the lowest of the slice's labels
+    kind: str  # "painted", "interpolated", "walked", "end" (first slice past the model's walk) or "outside"
+    uncertain_end: bool  # the structure may go on (or stop earlier) here: check where it ends
+    expected_error: float = 0.0  # voxels that painting this slice could fix (what the suggestion weighs)
+
+
+@dataclass
+class SliceAdvice:
+    """Per-slice confidence of one propagated segment and the slice worth painting next.
+
+    Indices are the volume node's own (numpy array order, storage flips undone by the mapping from the
+    canonical order the model saw), along ``axis``, the numpy axis of the painted slices.
+    """
+
+    segment_id: str | None
+    axis: int  # numpy axis of the volume node's array
+    axis_name: str  # "axial", "coronal" or "sagittal"
+    slices: list[SliceNote] = field(default_factory=list)  # one per slice, in index order
+    suggested: int | None = None  # the unpainted slice whose painting should help most (None: nothing at stake)
+
+    def note(self, index: int) -> SliceNote | None:
+        return next((n for n in self.slices if n.index == index), None)
+
+    @property
+    def uncertain_ends(self) -> list[int]:
+        return [n.index for n in self.slices if n.uncertain_end]
+
+    @property
+    def at_stake(self) -> float:
+        """Expected error summed over the unpainted slices: ranks the segments' suggestions."""
+        return float(sum(n.expected_error for n in self.slices if n.kind != "painted"))
+
+
+def node_slice_indices(reorientation: Reorientation, canonical_axis: int, shape) -> np.ndarray:
+    """For each slice along numpy ``canonical_axis`` of the canonical array, its index on the node's array.
+
+    ``shape``: the node's array shape. Computed by reorienting an index ramp with ``to_canonical`` itself, so
+    it cannot disagree with how the voxels were reordered (a flipped storage order reverses the indices).
+    """
+    axis = reorientation.axis_from_canonical(canonical_axis)
+    ramp_shape = [1, 1, 1]
+    ramp_shape[axis] = int(shape[axis])
+    ramp = np.arange(int(shape[axis])).reshape(ramp_shape)
+    return reorientation.to_canonical(ramp).ravel()
+
+
+def slice_advice(result, reorientation: Reorientation, shape, segment_id: str | None,
+                 axis_name: str = "") -> SliceAdvice | None:
+    """The library result's ``confidence`` and ``suggested_slice`` on the volume node's array (None if the
+    method computed none). ``shape``: the node's array shape."""
+    confidences = getattr(result, "confidence", None)
+    if not confidences:
+        return None
+    canonical_axis = int(result.painted.axis)
+    to_node = node_slice_indices(reorientation, canonical_axis, shape)
+    lowest: dict[int, SliceNote] = {}
+    for item in confidences:  # one label per call here; several would keep each slice's least confident
+        index = int(to_node[int(item.index)])
+        note = SliceNote(index, float(item.confidence), str(item.kind), bool(item.uncertain_end),
+                         float(item.expected_error))
+        previous = lowest.get(index)
+        if previous is None:
+            lowest[index] = note
+        else:
+            worst = note if note.confidence < previous.confidence else previous
+            lowest[index] = worst._replace(uncertain_end=note.uncertain_end or previous.uncertain_end,
+                                           expected_error=note.expected_error + previous.expected_error)
+    suggested = getattr(result, "suggested_slice", None)
+    return SliceAdvice(segment_id, reorientation.axis_from_canonical(canonical_axis),
+                       axis_name or str(getattr(result.painted, "axis_name", "")),
+                       [lowest[i] for i in sorted(lowest)], None if suggested is None else int(to_node[int(suggested)]))
+
+
 @dataclass
 class SegmentResult:
     """One result segment, on the volume node's voxel grid."""
@@ -85,6 +163,7 @@ class SegmentResult:
     axis: int | None  # numpy axis of the slices that stay as painted (None: unknown)
     indices: tuple[int, ...] = ()  # slices painted when the result was computed
     adapted: object | None = None  # SAMFewshotLib.adapted_model.AdaptedModel
+    advice: SliceAdvice | None = None  # per-slice confidence and the slice to paint next (propagation only)
 
 
 @dataclass
@@ -93,6 +172,11 @@ class Outcome:
     segments: list[SegmentResult]
     seconds: float
     encoded_slices: int = 0
+
+    @property
+    def advice(self) -> list[SliceAdvice]:
+        """The advice of every segment that has one (propagations; not saved models)."""
+        return [s.advice for s in self.segments if s.advice is not None]
 
     def summary(self) -> str:
         names = ", ".join(s.name for s in self.segments)
@@ -173,8 +257,9 @@ def _propagate(request, image, reorientation, report, cancel):
         _remember(request.volume_node_id, task.segment_id, result.adaptation)
         encoded += int(getattr(result, "encoded_slices", 0))
         mask = reorientation.from_canonical(np.asarray(result.labels) == 1).astype(np.uint8)
+        advice = slice_advice(result, reorientation, task.labels.shape, task.segment_id, task.axis_name)
         results.append(SegmentResult(task.segment_id, task.name, task.color, mask, task.axis, task.indices,
-                                     result.adapted))
+                                     result.adapted, advice))
     _check_cancel(cancel)
     return results, encoded
 
