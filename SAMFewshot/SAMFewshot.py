@@ -44,7 +44,9 @@ def _addSourceTreeToPath():
 _addSourceTreeToPath()
 
 from SAMFewshotMRML import dependencies  # noqa: E402  (after the path shim; imports no torch)
+from SAMFewshotMRML import guidance  # noqa: E402
 from SAMFewshotMRML.jobs import Cancelled, Failed, Finished, Progress  # noqa: E402
+from SAMFewshotMRML.prompts import PromptOptions, PromptTool, prompt_nodes, view_normals_through  # noqa: E402
 from SAMFewshotMRML.propagation import Options  # noqa: E402
 from SAMFewshotMRML.workflow import ADAPTED_MODEL_SUFFIX, PREVIEW_ATTRIBUTE, Workflow  # noqa: E402
 
@@ -58,6 +60,16 @@ def _resourcePath(relative):
         if os.path.exists(candidate):
             return candidate
     return os.path.join(_MODULE_DIR, "Resources", relative)
+
+
+def _libraryHas(name):
+    """Whether SAMFewshotLib has the module ``name`` (imports only the package's light __init__)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(f"SAMFewshotLib.{name}") is not None
+    except ImportError:
+        return False
 
 
 def _firstNode(className, accept):
@@ -130,6 +142,16 @@ class AxisChoice(enum.Enum):
                 "sagittal": _("Sagittal")}[self.value]
 
 
+class PromptMethodChoice(enum.Enum):
+    PLAIN = "plain"
+    ZERO_SHOT = "zero-shot"
+    LEARNED = "learned"
+
+    def label(self):
+        return {"plain": _("Box/points (plain SAM)"), "zero-shot": _("Zero-shot from clicks"),
+                "learned": _("Learned from painted slices")}[self.value]
+
+
 @parameterNodeWrapper
 class SAMFewshotParameterNode:
     """What the panel shows; saved with the scene.
@@ -139,6 +161,7 @@ class SAMFewshotParameterNode:
     model - LiteMedSAM, or a SAM ViT model given by ``checkpointPath``.
     device - auto, cpu or cuda.
     axis - the axis of the painted slices; automatic finds it from the painting.
+    promptMethod - how clicks and boxes become a slice mask (Click to segment).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -147,6 +170,7 @@ class SAMFewshotParameterNode:
     checkpointPath: pathlib.Path
     device: DeviceChoice = DeviceChoice.AUTO
     axis: AxisChoice = AxisChoice.AUTO
+    promptMethod: PromptMethodChoice = PromptMethodChoice.PLAIN
 
 
 #
@@ -167,6 +191,14 @@ class SAMFewshotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observedSegmentation = None
         self._uncheckedSegmentIds = set()
         self._listedFrom = None
+        self._promptJob = None
+        self._promptPending = False
+        self._promptAuto = False
+        self._observedPromptNodes = []
+        self._quietPrompts = False
+        self._review = None  # guidance.Review of the last propagation: slices to check, slice to paint next
+        self._reviewItems = []
+        self._suggestedItem = None
 
     def resourcePath(self, filename):
         return _resourcePath(filename)
@@ -202,8 +234,12 @@ class SAMFewshotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentsListWidget.connect("itemChanged(QListWidgetItem*)", self.onSegmentItemChanged)
         self.ui.saveAdaptedModelsButton.connect("clicked(bool)", self.onSaveAdaptedModels)
         self.ui.applySavedModelsButton.connect("clicked(bool)", self.onApplySavedModels)
+        self.ui.reviewSlicesListWidget.connect("itemClicked(QListWidgetItem*)", self.onReviewSliceClicked)
+        self.ui.suggestedSliceButton.connect("clicked(bool)", self.onGoToSuggestedSlice)
         self.ui.runProgressBar.hide()
         self.ui.cancelRunButton.hide()
+        self.setupClickToSegment()
+        self.updateReview()
 
         self.initializeParameterNode()
         self.updateDeviceInfo()
@@ -211,7 +247,10 @@ class SAMFewshotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         if self._job is not None:
             self._job.cancel()
+        if self._promptJob is not None:
+            self._promptJob.cancel()
         self._pollTimer.stop()
+        self._promptPollTimer.stop()
         self.removeObservers()
 
     def enter(self):
@@ -230,7 +269,17 @@ class SAMFewshotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job.cancel()
             self._job = None
             self._showRunning(False)
+        if self._promptJob is not None:
+            self._promptJob.cancel()
+            self._promptJob = None
         self.logic.workflow.reset()
+        self.logic.prompts.reset()
+        self._review = None
+        self.updateReview()
+        for node in self._observedPromptNodes:  # the scene's nodes go; the module makes new ones on the next click
+            for event in self._promptEvents():
+                self.removeObserver(node, event, self.onPromptsChanged)
+        self._observedPromptNodes = []
         self._observeSegmentation(None)
         self.setParameterNode(None)
 
@@ -262,6 +311,8 @@ class SAMFewshotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentation = node.segmentation if node else None
         if segmentation is not self._observedSegmentation:
             self._observeSegmentation(segmentation)
+        if self.ui.promptSegmentSelector.currentNode() is not segmentation:
+            self.ui.promptSegmentSelector.setCurrentNode(segmentation)
         listedFrom = (node.inputVolume, segmentation, node.axis) if node else None
         if listedFrom != self._listedFrom:
             self._listedFrom = listedFrom
@@ -351,6 +402,7 @@ class SAMFewshotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.saveAdaptedModelsButton.enabled = bool(workflow and workflow.adapted_models) and not running
         self.ui.applySavedModelsButton.enabled = bool(node and node.inputVolume) and not running
         self.ui.checkpointPathLineEdit.enabled = bool(node and node.model != ModelChoice.LITE_MEDSAM)
+        self.updatePromptButtons()
 
     def updateDeviceInfo(self):
         if "torch" in sys.modules:
@@ -430,6 +482,8 @@ class SAMFewshotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay(_("The result could not be shown."), waitCursor=True):
                 with slicer.util.RenderBlocker():
                     self.logic.workflow.show_preview(event.result)
+                self._review = guidance.Review.from_outcome(event.result)
+                self.updateReview()
                 self.ui.showPreviewCheckBox.checked = True
                 self.ui.statusLabel.text = event.result.summary() + " " + _("Review the preview, then Apply or Cancel.")
         elif isinstance(event, Cancelled):
@@ -452,6 +506,8 @@ class SAMFewshotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCancelPreview(self):
         self.logic.workflow.cancel_preview()
+        self._review = None
+        self.updateReview()
         self.ui.statusLabel.text = _("Preview dropped; the segmentation is unchanged.")
         self.updateButtons()
 
@@ -476,6 +532,256 @@ class SAMFewshotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.setLastAdaptedModelFolder(folder)
             self.ui.statusLabel.text = _("Saved: {files}").format(files=", ".join(p.name for p in written))
 
+    def updateReview(self):
+        """The least confident slices, the uncertain ends and the suggested slice of the last propagation."""
+        review = self._review
+        self._reviewItems = review.items() if review else []
+        self._suggestedItem = review.suggestion() if review else None
+        listWidget = self.ui.reviewSlicesListWidget
+        listWidget.clear()
+        for item in self._reviewItems:
+            listWidget.addItem(item.text)
+        ends = review.uncertain_ends_text() if review else ""
+        self.ui.uncertainEndsLabel.text = ends
+        self.ui.uncertainEndsLabel.visible = bool(ends)
+        self.ui.suggestedSliceButton.text = guidance.suggestion_text(self._suggestedItem)
+        self.ui.suggestedSliceButton.enabled = self._suggestedItem is not None
+        for widget in (self.ui.reviewSlicesLabel, listWidget, self.ui.suggestedSliceButton):
+            widget.visible = review is not None
+
+    def onReviewSliceClicked(self, listItem):
+        row = self.ui.reviewSlicesListWidget.row(listItem)
+        if 0 <= row < len(self._reviewItems):
+            self._jumpToSlice(self._reviewItems[row])
+
+    def onGoToSuggestedSlice(self):
+        if self._suggestedItem is not None:
+            self._jumpToSlice(self._suggestedItem)
+
+    def _jumpToSlice(self, item):
+        try:
+            r, a, s = (float(v) for v in self._review.position(slicer.mrmlScene, item))
+        except (ValueError, IndexError) as error:
+            self.ui.statusLabel.text = str(error)
+            return
+        slicer.modules.markups.logic().JumpSlicesToLocation(r, a, s, True)
+        self.ui.statusLabel.text = _("Showing {slice}.").format(slice=item.text)
+
+    # ------------------------------------------------------------------ click to segment
+
+    def setupClickToSegment(self):
+        self._promptPollTimer = qt.QTimer()
+        self._promptPollTimer.setInterval(50)
+        self._promptPollTimer.connect("timeout()", self.onPollPromptJob)
+        self._promptTriggerTimer = qt.QTimer()  # placing and dragging fire many events: segment once they pause
+        self._promptTriggerTimer.setSingleShot(True)
+        self._promptTriggerTimer.setInterval(200)
+        self._promptTriggerTimer.connect("timeout()", self.onAutoSegmentSlice)
+        self.ui.placeForegroundButton.connect("clicked(bool)", lambda checked: self.onPlacePrompt("foreground"))
+        self.ui.placeBackgroundButton.connect("clicked(bool)", lambda checked: self.onPlacePrompt("background"))
+        self.ui.placeBoxButton.connect("clicked(bool)", lambda checked: self.onPlacePrompt("box"))
+        self.ui.clearPromptsButton.connect("clicked(bool)", self.onClearPrompts)
+        self.ui.segmentSliceButton.connect("clicked(bool)", self.onSegmentSlice)
+        self.ui.acceptPromptButton.connect("clicked(bool)", self.onAcceptPrompt)
+        self.ui.rejectPromptButton.connect("clicked(bool)", self.onRejectPrompt)
+        self.ui.undoAcceptButton.connect("clicked(bool)", self.onUndoAccept)
+        self.ui.promptSegmentSelector.connect("currentSegmentChanged(QString)", lambda segmentId: self.updateButtons())
+        canPropagate = _libraryHas("prompt_propagation")
+        self.ui.propagatePromptCheckBox.enabled = canPropagate
+        if not canPropagate:
+            self.ui.propagatePromptCheckBox.toolTip = _("Needs a newer SAMFewshotLib (prompt_propagation).")
+        interactionNode = slicer.app.applicationLogic().GetInteractionNode()
+        if interactionNode is not None:  # a box is complete when its placement ends
+            self.addObserver(interactionNode, slicer.vtkMRMLInteractionNode.EndPlacementEvent, self.onPromptsChanged)
+
+    def _promptNodes(self):
+        """The module's foreground, background and box markups (created on first use), observed for changes."""
+        nodes = prompt_nodes(slicer.mrmlScene)
+        current = [nodes.foreground, nodes.background, nodes.box]
+        if current != self._observedPromptNodes:
+            for node in self._observedPromptNodes:
+                for event in self._promptEvents():
+                    self.removeObserver(node, event, self.onPromptsChanged)
+            for node in current:
+                for event in self._promptEvents():
+                    self.addObserver(node, event, self.onPromptsChanged)
+            self._observedPromptNodes = current
+        return nodes
+
+    @staticmethod
+    def _promptEvents():
+        markups = slicer.vtkMRMLMarkupsNode
+        return (markups.PointPositionDefinedEvent, markups.PointEndInteractionEvent, markups.PointRemovedEvent)
+
+    def onPromptsChanged(self, caller=None, event=None):
+        if self._quietPrompts or not self.ui.autoSegmentCheckBox.checked:
+            return
+        if caller is not None and caller.IsA("vtkMRMLInteractionNode"):  # placement ended: ours?
+            selection = slicer.app.applicationLogic().GetSelectionNode()
+            active = selection.GetActivePlaceNodeID() if selection is not None else None
+            if active not in [node.GetID() for node in self._observedPromptNodes]:
+                return
+        self._promptTriggerTimer.start()
+
+    def onPlacePrompt(self, role):
+        with slicer.util.tryWithErrorDisplay(_("Placing could not start."), waitCursor=False):
+            nodes = self._promptNodes()
+            node = getattr(nodes, role)
+            if role == "box":  # one box: a new one replaces the previous
+                self._quietPrompts = True
+                try:
+                    node.RemoveAllControlPoints()
+                finally:
+                    self._quietPrompts = False
+            markupsLogic = slicer.modules.markups.logic()
+            markupsLogic.SetActiveList(node)
+            markupsLogic.StartPlaceMode(role != "box")  # points: until right-click or Esc; box: one
+
+    def onClearPrompts(self):
+        if self._promptJob is not None:
+            self._promptJob.cancel()
+        self._promptPending = False
+        self._quietPrompts = True
+        try:
+            self._promptNodes().clear()
+        finally:
+            self._quietPrompts = False
+        self.logic.prompts.cancel_preview()
+        self.ui.promptStatusLabel.text = _("Place foreground points or a box on one slice.")
+        self.updateButtons()
+
+    def _promptOptions(self):
+        node = self._parameterNode
+        options = self._options()
+        propagate = bool(self.ui.propagatePromptCheckBox.enabled and self.ui.propagatePromptCheckBox.checked)
+        return PromptOptions(method=node.promptMethod.value, model=options.model, device=options.device,
+                             axis=node.axis.value, propagate=propagate)
+
+    def _viewNormals(self, volumeNode, nodes):
+        """Normals of the slice views that hold every prompt: the view the user clicked in names the axis."""
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is None:
+            return []
+        sliceNodes = [layoutManager.sliceWidget(name).mrmlSliceNode() for name in layoutManager.sliceViewNames()]
+        return view_normals_through(sliceNodes, nodes.positions(), 0.5 * min(volumeNode.GetSpacing()))
+
+    def _prepareSlice(self):
+        node = self._parameterNode
+        if not node or not node.inputVolume:
+            raise ValueError(_("Choose the volume to segment."))
+        nodes = self._promptNodes()
+        segmentId = self.ui.promptSegmentSelector.currentSegmentID() or None
+        return self.logic.prompts.prepare(node.inputVolume, nodes.foreground, nodes.background, nodes.box,
+                                          node.segmentation, segmentId if node.segmentation else None,
+                                          self._promptOptions(), self._viewNormals(node.inputVolume, nodes))
+
+    def onSegmentSlice(self):
+        with slicer.util.tryWithErrorDisplay(_("The slice could not be segmented."), waitCursor=True):
+            if not self.logic.ensureDependencies(self.resourcePath("requirements.txt")):
+                return
+            self._startPromptJob(self._prepareSlice(), auto=False)
+
+    def onAutoSegmentSlice(self):
+        """Segment after a click: problems go to the status line, never to a dialog."""
+        if self._promptJob is not None:
+            self._promptPending = True
+            return
+        if not dependencies.torch_installed():
+            self.ui.promptStatusLabel.text = _("Click Segment slice: PyTorch is installed first (after asking).")
+            return
+        try:
+            request = self._prepareSlice()
+        except Exception as error:
+            self.ui.promptStatusLabel.text = str(error)
+            return
+        self._startPromptJob(request, auto=True)
+
+    def _startPromptJob(self, request, auto):
+        self._promptAuto = auto
+        self._promptJob = self.logic.prompts.start(request)
+        self.ui.promptStatusLabel.text = _("Segmenting {where}...").format(where=request.location.describe())
+        self._promptPollTimer.start()
+        self.updateButtons()
+
+    def onPollPromptJob(self):
+        job = self._promptJob
+        if job is None:
+            self._promptPollTimer.stop()
+            return
+        for event in job.poll():
+            if isinstance(event, Progress):
+                self.ui.promptStatusLabel.text = event.text
+            elif isinstance(event, (Finished, Failed, Cancelled)):
+                self._promptJobEnded(event)
+
+    def _promptJobEnded(self, event):
+        self._promptPollTimer.stop()
+        self._promptJob = None
+        if isinstance(event, Finished):
+            try:
+                with slicer.util.RenderBlocker():
+                    self.logic.prompts.show_preview(event.result)
+                self.ui.promptStatusLabel.text = event.result.summary() + " " + _(
+                    "Accept paints it into the segment as a painted slice.")
+            except Exception as error:
+                self.ui.promptStatusLabel.text = str(error)
+                if not self._promptAuto:
+                    slicer.util.errorDisplay(str(error))
+        elif isinstance(event, Cancelled):
+            self.ui.promptStatusLabel.text = _("Cancelled; nothing was changed.")
+        else:
+            log.error(event.details)
+            self.ui.promptStatusLabel.text = str(event.error)
+            if not self._promptAuto:
+                slicer.util.errorDisplay(str(event.error), detailedText=event.details)
+        if self._promptPending:  # prompts changed while it ran
+            self._promptPending = False
+            self._promptTriggerTimer.start()
+        self.updateDeviceInfo()
+        self.updateButtons()
+
+    def onAcceptPrompt(self):
+        with slicer.util.tryWithErrorDisplay(_("Accept failed."), waitCursor=True):
+            outcome = self.logic.prompts.last_outcome
+            with slicer.util.RenderBlocker():
+                self.logic.prompts.accept()
+            where = outcome.request.location.describe().split(":")[0] if outcome else ""
+            self.ui.promptStatusLabel.text = _(
+                "Accepted into {segment} ({where}); Propagate uses it as a painted slice. Undo accept restores "
+                "the segmentation.").format(segment=outcome.request.segment_name if outcome else "", where=where)
+            self._quietPrompts = True
+            try:
+                self._promptNodes().clear()  # ready for the next slice
+            finally:
+                self._quietPrompts = False
+        self.updateSegmentsList()
+
+    def onRejectPrompt(self):
+        self.logic.prompts.cancel_preview()
+        self.ui.promptStatusLabel.text = _("Slice preview dropped; the segmentation is unchanged.")
+        self.updateButtons()
+
+    def onUndoAccept(self):
+        with slicer.util.tryWithErrorDisplay(_("Undo failed."), waitCursor=True):
+            self.logic.prompts.undo()
+            self.ui.promptStatusLabel.text = _("Accept undone.")
+        self.updateSegmentsList()
+
+    def updatePromptButtons(self):
+        node = self._parameterNode
+        prompts = self.logic.prompts if self.logic else None
+        hasVolume = bool(node and node.inputVolume)
+        running = self._promptJob is not None
+        for button in (self.ui.placeForegroundButton, self.ui.placeBackgroundButton, self.ui.placeBoxButton):
+            button.enabled = hasVolume
+        self.ui.segmentSliceButton.enabled = hasVolume and not running
+        hasPreview = bool(prompts and prompts.preview_node is not None)
+        self.ui.acceptPromptButton.enabled = hasPreview and not running
+        self.ui.rejectPromptButton.enabled = hasPreview
+        self.ui.undoAcceptButton.enabled = bool(prompts and prompts.can_undo) and not running
+        learned = bool(node and node.promptMethod == PromptMethodChoice.LEARNED)
+        self.ui.promptSegmentLabel.text = _("Learn from:") if learned else _("Segment:")
+
 
 #
 # SAMFewshotLogic
@@ -496,6 +802,7 @@ class SAMFewshotLogic(ScriptedLoadableModuleLogic):
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         self.workflow = Workflow(slicer.mrmlScene)
+        self.prompts = PromptTool(slicer.mrmlScene)  # click to segment: sessions, slice preview, Accept's undo
 
     def getParameterNode(self):
         return SAMFewshotParameterNode(super().getParameterNode())
@@ -618,6 +925,8 @@ class SAMFewshotTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_SAMFewshotWorkflow()
+        self.setUp()
+        self.test_SAMFewshotClickToSegment()
 
     def test_SAMFewshotWorkflow(self):
         import numpy as np
@@ -653,6 +962,19 @@ class SAMFewshotTest(ScriptedLoadableModuleTest):
         preview = logic.workflow.show_preview(outcome.result)
         self.assertIsNotNone(preview)
 
+        self.delayDisplay("Going to the suggested slice")
+        review = guidance.Review.from_outcome(outcome.result)
+        suggestion = review.suggestion()
+        self.assertIsNotNone(suggestion)
+        self.assertNotIn(suggestion.index, paintedSlices)
+        self.assertTrue(review.items())
+        r, a, s = (float(v) for v in review.position(slicer.mrmlScene, suggestion))
+        slicer.modules.markups.logic().JumpSlicesToLocation(r, a, s, True)
+        if slicer.app.layoutManager() is not None:
+            red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+            origin = [red.GetSliceToRAS().GetElement(row, 3) for row in range(3)]
+            self.assertEqual(guidance.slice_index_at(volume, 0, origin), suggestion.index)
+
         before = segmentsGlue.read_segment_mask(segmentation, lungs, volume)
         logic.workflow.apply()
         applied = segmentsGlue.read_segment_mask(segmentation, lungs, volume)
@@ -665,6 +987,62 @@ class SAMFewshotTest(ScriptedLoadableModuleTest):
 
         logic.workflow.undo()
         self.assertTrue(np.array_equal(segmentsGlue.read_segment_mask(segmentation, lungs, volume), before))
+        self.delayDisplay("Test passed")
+
+    def test_SAMFewshotClickToSegment(self):
+        """A box drawn around one lung on one slice: a preview on that slice only, Accept, Undo accept."""
+        import numpy as np
+
+        if not dependencies.torch_installed() or dependencies.missing_requirements(
+                dependencies.read_requirements(_resourcePath("requirements.txt"))):
+            self.skipTest("PyTorch or the packages of requirements.txt are not installed")
+        import SampleData
+
+        from SAMFewshotMRML import geometry
+        from SAMFewshotMRML import segments as segmentsGlue
+
+        self.delayDisplay("Loading CTChest")
+        volume, reference = self._smallLungVolume(SampleData.downloadSample("CTChest"))
+        k = reference.shape[0] // 2
+        columns = np.flatnonzero(reference[k].any(axis=0))
+        middle = (columns[0] + columns[-1]) // 2
+        lung = np.zeros_like(reference[k])
+        lung[:, :middle] = reference[k][:, :middle]  # the lung on the image's left
+        rows, cols = np.nonzero(lung)
+        ijkToRAS = geometry.ijk_to_world(volume)
+        corner0 = (ijkToRAS @ [cols.min() - 2.5, rows.min() - 2.5, k, 1])[:3]
+        corner1 = (ijkToRAS @ [cols.max() + 2.5, rows.max() + 2.5, k, 1])[:3]
+        roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+        roi.SetCenter(*((corner0 + corner1) / 2))
+        roi.SetSize(*np.abs(corner1 - corner0))
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Clicked")
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        lungId = segmentation.GetSegmentation().AddEmptySegment("", "Lung", [0.5, 0.7, 1.0])
+
+        logic = SAMFewshotLogic()
+        self.delayDisplay("Segmenting the slice (worker thread)")
+        request = logic.prompts.prepare(volume, roi=roi, segmentation_node=segmentation, segment_id=lungId,
+                                        options=PromptOptions())
+        job = logic.prompts.start(request)
+        outcome = job.wait(timeout=600, on_event=lambda event: slicer.app.processEvents())
+        self.assertIsInstance(outcome, Finished, getattr(outcome, "details", outcome))
+        self.assertEqual(outcome.result.slices, (k,))
+        logic.prompts.show_preview(outcome.result)
+        before = segmentsGlue.read_segment_mask(segmentation, lungId, volume)
+        self.assertFalse(before.any())
+
+        logic.prompts.accept()
+        accepted = segmentsGlue.read_segment_mask(segmentation, lungId, volume)
+        self.assertTrue(accepted[k].any())
+        self.assertFalse(np.delete(accepted, k, axis=0).any())
+        a, b = accepted[k] != 0, lung != 0
+        dice = 2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+        self.delayDisplay(f"Lung Dice on slice {k}: {dice:.3f}")
+        self.assertGreater(dice, 0.5)
+
+        logic.prompts.undo()
+        self.assertFalse(segmentsGlue.read_segment_mask(segmentation, lungId, volume).any())
         self.delayDisplay("Test passed")
 
     @staticmethod
