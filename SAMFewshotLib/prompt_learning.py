@@ -43,6 +43,7 @@ from torch import nn
 from .adaptation import segmentation_loss
 from .embeddings import check_cancel, slice_stack
 from .errors import InputError
+from .prompts import decode_low_res
 
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -362,16 +363,4 @@ def decode_batch(model, encoder: nn.Module, embeddings: torch.Tensor, prompts: B
     IoU is used, so the loss trains exactly what the user will get.
     """
     points, boxes = prompts_to_model(prompts, transform, embeddings.device)
-    sparse, dense = encoder(points=points, boxes=boxes, masks=None)
-    multimask = boxes is None and points is not None and points[0].shape[1] == 1
-    masks, scores = model.mask_decoder(
-        image_embeddings=embeddings,
-        image_pe=encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=multimask,
-    )
-    if not multimask:
-        return masks[:, 0]
-    best = torch.argmax(scores, dim=1)
-    return masks[torch.arange(masks.shape[0], device=masks.device), best]
+    return decode_low_res(model, encoder, embeddings, points, boxes)

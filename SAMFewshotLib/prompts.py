@@ -126,17 +126,27 @@ def decode_prompt(
     """
     encoder = prompt_encoder if prompt_encoder is not None else model.prompt_encoder
     points, box = prompt.to_model(transform, embedding.device)
-    sparse, dense = encoder(points=points, boxes=box, masks=mask_logits)
-    # one point alone is ambiguous (a lobe or the whole organ); SAM then offers three masks and a predicted
-    # IoU for each: keep the best, as SamPredictor's users do
-    multimask = box is None and len(prompt.points) == 1
+    low_res = decode_low_res(model, encoder, embedding, points, box, mask_logits)
+    return transform.model_to_slice(low_res[:, None].float())[0, 0]
+
+
+def decode_low_res(model: SamModel, encoder: nn.Module, embeddings: torch.Tensor, points, boxes,
+                   mask_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 256, 256) SAM's low-resolution logits for prompts already in model space (``to_model``).
+
+    One point alone is ambiguous (a lobe or the whole organ); SAM then offers three masks and a predicted
+    IoU for each: the best is kept, as SamPredictor's users do (prompt learning trains exactly this).
+    """
+    sparse, dense = encoder(points=points, boxes=boxes, masks=mask_logits)
+    multimask = boxes is None and points is not None and points[0].shape[1] == 1
     masks, scores = model.mask_decoder(
-        image_embeddings=embedding,
+        image_embeddings=embeddings,
         image_pe=encoder.get_dense_pe(),
         sparse_prompt_embeddings=sparse,
         dense_prompt_embeddings=dense,
         multimask_output=multimask,
     )
-    best = int(torch.argmax(scores[0])) if multimask else 0
-    return transform.model_to_slice(masks[:, best : best + 1].float())[0, 0]
-
+    if not multimask:
+        return masks[:, 0]
+    best = torch.argmax(scores, dim=1)
+    return masks[torch.arange(masks.shape[0], device=masks.device), best]
