@@ -8,7 +8,10 @@ them, so what can go wrong differs by where a slice lies:
 - beyond the painted range, the walk is as good as the decoder is sure (its mean foreground probability)
   and as the shape is continuous (overlap with the previous slice);
 - at the end of a walk, the structure's extent is uncertain unless the decoder stopped because it saw
-  nothing attached there any more.
+  nothing attached there any more; the structure may go on for a few slices, less likely the farther
+  past the end, so the doubt fades over the slices beyond it;
+- what is at stake on a walked slice is at least the cross-section next to it on the painted side: a walk
+  that suddenly loses most of the structure is as wrong as the area it lost.
 
 On every slice, small cross-sections score lower: their Dice suffers most from a boundary one voxel off
 (the area / (area + boundary) factor). None of this is fitted to data; benchmarks/suggest_slices.py measures
@@ -28,8 +31,17 @@ from scipy import ndimage
 
 from .spatial import WalkReport
 
-# confidence that a slice beyond a walk's end is really empty, by why the walk stopped
+# confidence that the first slice beyond a walk's end is really empty, by why the walk stopped
 END_CONFIDENCE = {"empty": 0.7, "edge": 1.0, "painted": 1.0, "spread": 0.4, "grew": 0.4}
+# Past an uncertain end the structure may go on. How far is unknown; the scale at hand is the stretch the
+# user painted: the chance that it goes on shrinks slice by slice so that the doubt reaches, on average,
+# END_DOUBT_REACH of the painted span past the end (with two slices painted at a structure's quartiles, half
+# of what lies beyond each), and is dropped below END_DOUBT_FLOOR.
+END_DOUBT_REACH = 0.25
+END_DOUBT_FLOOR = 0.05
+# A structure rarely stops at a full cross-section: an end as large as the largest painted cross-section
+# is doubtful whatever the decoder saw (it may just not recognise the structure there), up to this chance.
+END_DOUBT_FULL = 0.9
 
 
 @dataclass
@@ -60,6 +72,15 @@ def dice_2d(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
+def aligned_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two masks after moving ``b``'s centroid onto ``a``'s (whole voxels): how much the shape differs."""
+    if not a.any() or not b.any():
+        return dice_2d(a, b)
+    shift = np.round(np.subtract(ndimage.center_of_mass(a), ndimage.center_of_mass(b))).astype(int)
+    moved = ndimage.shift(b.astype(np.uint8), shift, order=0, mode="constant").astype(bool)
+    return dice_2d(a, moved)
+
+
 def label_confidence(
     result: np.ndarray,
     painted: np.ndarray,
@@ -78,8 +99,8 @@ def label_confidence(
     painted_set = set(int(i) for i in painted_indices)
     with_value = [i for i in sorted(painted_set) if np.any(painted[i] == value)]
     steps = {step.index: step for step in (walk.steps if walk else [])}
-    ends = {index: reason for index, reason in (walk.stops.values() if walk else [])}
     masks = result == value
+    beyond_end = _doubt_beyond_ends(masks, [painted[i] == value for i in with_value], with_value, walk)
     out = []
     for index in range(count):
         mask = masks[index]
@@ -93,23 +114,48 @@ def label_confidence(
             below = max(i for i in with_value if i < index)
             above = min(i for i in with_value if i > index)
             t = (index - below) / (above - below)
-            change = 1.0 - dice_2d(painted[below] == value, painted[above] == value)
+            # contour interpolation follows a structure that moves, so only a change of shape is doubtful
+            change = 1.0 - aligned_dice(painted[below] == value, painted[above] == value)
             kind, certainty = "interpolated", 1.0 - change * 2.0 * min(t, 1.0 - t)
         elif index in steps:
             step = steps[index]
             kind = "walked"
             certainty = float(np.clip(2.0 * step.mean_probability - 1.0, 0.0, 1.0)) * step.overlap
-        elif index in ends and walk is not None:
-            kind = "end"
-            certainty = END_CONFIDENCE.get(ends[index], 0.5)
-            # what is at stake past an uncertain end: about the last written slice's cross-section
-            neighbour = index + (1 if index < (with_value[0] if with_value else 0) else -1)
-            at_stake = max(area, int(masks[neighbour].sum()) if 0 <= neighbour < count else 0)
+            inward = index + (1 if index < with_value[0] else -1)
+            at_stake = max(area, int(masks[inward].sum()))
+        elif index in beyond_end:
+            kind, doubt, at_stake = beyond_end[index]
+            certainty = 1.0 - doubt
+            at_stake = max(area, at_stake)
         else:
             kind, certainty = "outside", 1.0
         certainty = float(np.clip(certainty, 0.0, 1.0))
         confidence = certainty * (boundary_factor(mask) if kind != "painted" else 1.0)
         out.append(SliceConfidence(index, int(value), confidence, area, kind, (1.0 - certainty) * at_stake))
+    return out
+
+
+def _doubt_beyond_ends(masks: np.ndarray, painted_masks: Sequence[np.ndarray], painted_indices: Sequence[int],
+                       walk: WalkReport | None) -> dict[int, tuple[str, float, int]]:
+    """Slice -> (kind, chance the structure goes on there, cross-section at stake) past each end of a walk."""
+    out: dict[int, tuple[str, float, int]] = {}
+    if walk is None or not painted_indices:
+        return out
+    count = masks.shape[0]
+    largest = max(int(m.sum()) for m in painted_masks)
+    span = painted_indices[-1] - painted_indices[0] + 1
+    decay = float(np.clip(1.0 - 1.0 / max(END_DOUBT_REACH * span, 1.0), 0.5, 0.95))
+    for direction, (index, reason) in walk.stops.items():
+        doubt = 1.0 - END_CONFIDENCE.get(reason, 0.5)
+        # the structure would go on with about the cross-section it had where the walk ended
+        last = [i for i in (index - direction, index - 2 * direction) if 0 <= i < count]
+        at_stake = max((int(masks[i].sum()) for i in last), default=0)
+        if doubt > 0.0 and largest > 0:
+            doubt = max(doubt, END_DOUBT_FULL * min(at_stake / largest, 1.0))
+        kind = "end"
+        while 0 <= index < count and doubt >= END_DOUBT_FLOOR and index not in out:
+            out[index] = (kind, doubt, at_stake)
+            kind, doubt, index = "outside", doubt * decay, index + direction
     return out
 
 

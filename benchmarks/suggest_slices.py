@@ -140,6 +140,16 @@ def summarize(rows: list[dict], target: float) -> str:
         reach[strategy] = hit
         cells = " | ".join("" if math.isnan(m) else f"{m:.3f}" for m in means)
         lines.append(f"| {strategy} | {cells} | {hit if hit else f'> {ks[-1]}'} |")
+    lines += ["", f"Per structure, painted slices to reach Dice {target:.2f} (> {ks[-1]}: not reached):", "",
+              "| structure | " + " | ".join(STRATEGIES) + " |", "|---" * (len(STRATEGIES) + 1) + "|"]
+    for case, structure in pairs:
+        cells = []
+        for strategy in STRATEGIES:
+            curve = sorted((int(r["k"]), float(r["dice"])) for r in rows
+                           if (r["case"], r["structure"], r["strategy"]) == (case, structure, strategy))
+            hit = next((k for k, d in curve if d >= target), None)
+            cells.append("" if not curve else str(hit) if hit else f"> {curve[-1][0]}")
+        lines.append(f"| {structure} | " + " | ".join(cells) + " |")
     rho = [float(r["spearman"]) for r in rows if r["strategy"] == "suggested" and not math.isnan(float(r["spearman"]))]
     lines.append("")
     if rho:

@@ -46,14 +46,53 @@ def test_walk_confidence_follows_the_decoder_and_an_end_that_grew_is_uncertain()
     for index in range(6, 15):
         result[index] = disc(8)
     result[16], result[17] = disc(7), disc(6)
-    walk = WalkReport(steps=[WalkStep(16, 0.95, 0.9), WalkStep(17, 0.6, 0.9)],
-                      stops={-1: (4, "empty"), +1: (18, "grew")})
+    result[4], result[3] = disc(4), disc(2)  # tapering to its end below
+    walk = WalkReport(steps=[WalkStep(16, 0.95, 0.9), WalkStep(17, 0.6, 0.9), WalkStep(4, 0.9, 0.6),
+                             WalkStep(3, 0.9, 0.6)],
+                      stops={-1: (2, "empty"), +1: (18, "grew")})
     confidence = {c.index: c for c in label_confidence(result, painted, [5, 15], 1, walk)}
     assert confidence[16].kind == confidence[17].kind == "walked"
     assert confidence[17].confidence < confidence[16].confidence  # the decoder was less sure there
     assert confidence[18].kind == "end" and confidence[18].uncertain_end
-    assert confidence[4].kind == "end" and not confidence[4].uncertain_end  # the decoder saw nothing there
-    assert confidence[0].kind == "outside" and confidence[0].confidence == 1.0
+    # the decoder saw nothing more where the structure had tapered: a likely end
+    assert confidence[2].kind == "end" and not confidence[2].uncertain_end
+    # the doubt about where the structure ends fades slice by slice past the end
+    assert confidence[2].confidence < confidence[1].confidence < confidence[0].confidence < 1.0
+    assert confidence[18].confidence < confidence[19].confidence < confidence[20].confidence
+    assert confidence[19].expected_error > confidence[1].expected_error > 0.0
+
+
+def test_a_structure_seen_no_further_than_a_full_cross_section_has_uncertain_ends():
+    painted = stacks({5: 8, 10: 8})
+    result = painted.copy()
+    for index in range(6, 10):
+        result[index] = disc(8)
+    walk = WalkReport(stops={-1: (4, "empty"), +1: (11, "empty")})  # the decoder did not recognise it
+    confidence = {c.index: c for c in label_confidence(result, painted, [5, 10], 1, walk)}
+    assert confidence[4].uncertain_end and confidence[11].uncertain_end
+    assert suggest_slice(list(confidence.values())) not in range(5, 11)  # look past an end, not between
+
+
+def test_a_walk_that_loses_the_structure_puts_the_lost_area_at_stake():
+    painted = stacks({5: 8, 10: 8})
+    result = painted.copy()
+    for index in range(6, 10):
+        result[index] = disc(8)
+    result[11] = disc(3)  # the walk kept a small part of a cross-section that was as large as the painted one
+    walk = WalkReport(steps=[WalkStep(11, 0.6, 0.3)], stops={-1: (4, "empty"), +1: (12, "spread")})
+    confidence = {c.index: c for c in label_confidence(result, painted, [5, 10], 1, walk)}
+    assert confidence[11].expected_error > 0.5 * disc(8).sum()
+    assert 11 <= suggest_slice(list(confidence.values())) <= 14  # check where the walk went wrong
+
+
+def test_interpolation_of_a_moving_structure_is_trusted_when_its_shape_holds():
+    painted = np.zeros((11, 40, 40), np.uint8)
+    painted[0], painted[10] = disc(6, centre=(12, 12)), disc(6, centre=(26, 26))  # moved, same shape
+    result = painted.copy()
+    for index in range(1, 10):
+        result[index] = disc(6, centre=(12 + 1.4 * index, 12 + 1.4 * index))
+    confidence = {c.index: c for c in label_confidence(result, painted, [0, 10], 1)}
+    assert confidence[5].expected_error == 0.0  # nothing for painting to fix there
 
 
 def test_the_suggestion_bisects_the_run_with_the_most_expected_error():
