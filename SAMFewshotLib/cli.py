@@ -298,9 +298,9 @@ def _click(args, progress: Progress) -> int:
         result = session.segment(args.slice, prompt, prompt_encoder=prompt_encoder)
     masks = [result]
     if args.propagate:
-        from .prompt_propagation import propagate_prompts
+        from .prompt_propagation import walk_prompts
 
-        masks = propagate_prompts(session, result, prompt_encoder=prompt_encoder, seed=args.seed, progress=progress)
+        masks = walk_prompts(session, result, prompt_encoder=prompt_encoder, seed=args.seed, progress=progress).masks
     progress.close()
     labels = session.add_to_labels(masks, args.label, painted)
     write_label_map(labels, image, output)

@@ -92,7 +92,7 @@ class PromptWalk:
     stops: dict[int, tuple[int, str]] = field(default_factory=dict)
 
 
-def propagate_prompts(
+def walk_prompts(
     session,
     start_mask: SliceMask,
     *,
@@ -101,8 +101,9 @@ def propagate_prompts(
     seed: int = 0,
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
-) -> list[SliceMask]:
-    """The start mask and every slice the walk reached on both sides, in slice order.
+) -> PromptWalk:
+    """Walk from an accepted mask to both sides: the start mask and every slice reached, in slice order, and
+    why each side stopped.
 
     Args:
         session: an ``InteractiveSession``.
@@ -115,21 +116,6 @@ def propagate_prompts(
         InputError: the start mask is empty or does not fit the session's slices.
         Cancelled: ``cancel`` was set.
     """
-    return walk_prompts(session, start_mask, prompt_encoder=prompt_encoder, settings=settings, seed=seed,
-                        progress=progress, cancel=cancel).masks
-
-
-def walk_prompts(
-    session,
-    start_mask: SliceMask,
-    *,
-    prompt_encoder: nn.Module | None = None,
-    settings: PropagationSettings = PropagationSettings(),
-    seed: int = 0,
-    progress: ProgressCallback | None = None,
-    cancel: threading.Event | None = None,
-) -> PromptWalk:
-    """``propagate_prompts`` with the reasons each side stopped."""
     start = session.check_index(start_mask.index)
     mask = np.asarray(start_mask.mask, dtype=bool)
     if mask.shape != tuple(session.slice_shape):

@@ -88,7 +88,7 @@ def run_structure(case, structure, args, writer, within_rows) -> list[dict]:
     from SAMFewshotLib.embeddings import slice_stack
     from SAMFewshotLib.interactive import InteractiveSession
     from SAMFewshotLib.prompt_learning import learn_prompt_encoder
-    from SAMFewshotLib.prompt_propagation import propagate_prompts
+    from SAMFewshotLib.prompt_propagation import walk_prompts
     from SAMFewshotLib.prompts import SlicePrompt
     from SAMFewshotLib.zero_shot import zero_shot_segment
 
@@ -143,7 +143,7 @@ def run_structure(case, structure, args, writer, within_rows) -> list[dict]:
     for method, (start_method, prompt_encoder) in walks.items():
         started = time.perf_counter()
         start = predict(*prompts[start_method](truth[middle]), middle)
-        masks = propagate_prompts(session, start, prompt_encoder=prompt_encoder, seed=0)
+        masks = walk_prompts(session, start, prompt_encoder=prompt_encoder, seed=0).masks
         predicted = np.zeros(reference.shape, bool)
         stack = slice_stack(predicted, axis)
         for item in masks:

@@ -618,10 +618,10 @@ class PromptTool:
                 masks = [result]
                 if options.propagate:
                     _check_cancel(cancel)
-                    from SAMFewshotLib.prompt_propagation import propagate_prompts
+                    from SAMFewshotLib.prompt_propagation import walk_prompts
 
-                    masks = list(propagate_prompts(session, result, prompt_encoder=prompt_encoder,
-                                                   seed=options.seed, progress=progress, cancel=cancel))
+                    masks = list(walk_prompts(session, result, prompt_encoder=prompt_encoder, seed=options.seed,
+                                              progress=progress, cancel=cancel).masks)
                     if not any(m.index == result.index for m in masks):
                         masks.insert(0, result)
                 _check_cancel(cancel)

@@ -18,7 +18,7 @@ from conftest import dice
 from SAMFewshotLib.errors import Cancelled, InputError
 from SAMFewshotLib.interactive import InteractiveSession, SliceMask
 from SAMFewshotLib.prompt_learning import PromptLearningSettings, learn_prompt_encoder
-from SAMFewshotLib.prompt_propagation import propagate_prompts, walk_prompts
+from SAMFewshotLib.prompt_propagation import walk_prompts
 from SAMFewshotLib.prompts import SlicePrompt
 
 LIVER = 1
@@ -144,8 +144,8 @@ def test_walk_from_one_slice_covers_the_spleen_and_stops_at_its_end(session, sam
     start = 35
     truth = sample_reference == SPLEEN  # slices 18..47: 18 slices of body below its lower end
     visited = []
-    masks = propagate_prompts(session, SliceMask(start, truth[start], truth[start].astype(np.float32)), seed=0,
-                              progress=lambda stage, done, total: visited.append((stage, done, total)))
+    masks = walk_prompts(session, SliceMask(start, truth[start], truth[start].astype(np.float32)), seed=0,
+                         progress=lambda stage, done, total: visited.append((stage, done, total))).masks
     assert all(isinstance(m, SliceMask) and m.mask.shape == truth.shape[1:] for m in masks)
     indices = [m.index for m in masks]
     assert indices == list(range(indices[0], indices[-1] + 1)), "the walk goes slice by slice, in order"
@@ -176,9 +176,9 @@ def test_walk_with_the_learned_encoder_follows_the_liver(session, liver_encoder,
 def test_an_empty_start_mask_is_refused_and_a_walk_can_be_cancelled(session, sample_reference):
     empty = SliceMask(20, np.zeros(session.slice_shape, bool), np.zeros(session.slice_shape, np.float32))
     with pytest.raises(InputError, match="empty"):
-        propagate_prompts(session, empty)
+        walk_prompts(session, empty)
     truth = sample_reference[30] == LIVER
     cancel = threading.Event()
     cancel.set()
     with pytest.raises(Cancelled):
-        propagate_prompts(session, SliceMask(30, truth, truth.astype(np.float32)), cancel=cancel)
+        walk_prompts(session, SliceMask(30, truth, truth.astype(np.float32)), cancel=cancel)
