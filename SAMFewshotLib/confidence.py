@@ -100,7 +100,7 @@ def label_confidence(
     with_value = [i for i in sorted(painted_set) if np.any(painted[i] == value)]
     steps = {step.index: step for step in (walk.steps if walk else [])}
     masks = result == value
-    beyond_end = _doubt_beyond_ends(masks, [painted[i] == value for i in with_value], with_value, walk)
+    beyond_end = _doubt_beyond_ends(masks, walk, painted, with_value, value)
     out = []
     for index in range(count):
         mask = masks[index]
@@ -135,14 +135,16 @@ def label_confidence(
     return out
 
 
-def _doubt_beyond_ends(masks: np.ndarray, painted_masks: Sequence[np.ndarray], painted_indices: Sequence[int],
-                       walk: WalkReport | None) -> dict[int, tuple[str, float, int]]:
-    """Slice -> (kind, chance the structure goes on there, cross-section at stake) past each end of a walk."""
+def _doubt_beyond_ends(masks: np.ndarray, walk: WalkReport | None, painted: np.ndarray,
+                       painted_indices: Sequence[int], value: int) -> dict[int, tuple[str, float, int]]:
+    """Slice -> (kind, chance the structure goes on there, cross-section at stake) past each end of a walk.
+
+    ``painted_indices``: the painted slices that hold ``value``, sorted."""
     out: dict[int, tuple[str, float, int]] = {}
     if walk is None or not painted_indices:
         return out
     count = masks.shape[0]
-    largest = max(int(m.sum()) for m in painted_masks)
+    largest = max(int(np.count_nonzero(painted[i] == value)) for i in painted_indices)
     span = painted_indices[-1] - painted_indices[0] + 1
     decay = float(np.clip(1.0 - 1.0 / max(END_DOUBT_REACH * span, 1.0), 0.5, 0.95))
     for direction, (index, reason) in walk.stops.items():
