@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("-o", "--output", required=True, help="output label map (same geometry as the image)")
     common(segment)
     adaptation(segment)
-    segment.add_argument("--method", default="default", help="default (= fill-walk), fill-walk, seed (the paper's per-slice prediction) or seed-linked")
+    segment.add_argument("--method", default="default", help="default (= register-walk), register-walk, fill-walk (contour interpolation inside the painted range), "
+                         "seed (the paper's per-slice prediction) or seed-linked")
     segment.add_argument("--save-model", default=None, help="also save the adapted model to this file")
     segment.add_argument("--report", default=None,
                          help="also write per-slice confidence and the suggested next slice to this .json or .csv "
@@ -127,8 +128,8 @@ class Progress:
         if stage != self.stage or self.bar is None or total != self.bar.total or done < self.bar.n:
             self.close()
             self.stage = stage
-            self.bar = tqdm(total=total, desc=stage, unit="it" if stage.startswith("adapting") else "slice", file=sys.stderr,
-                            leave=False, dynamic_ncols=True)
+            unit = "it" if stage.startswith("adapting") else "gap" if stage == "registering" else "slice"
+            self.bar = tqdm(total=total, desc=stage, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)
         self.bar.n = done
         self.bar.refresh()
 
@@ -195,8 +196,9 @@ def _segment(args, progress: Progress) -> int:
         check_output_path(args.save_model, inputs[:2] + [args.output])
     if args.report:
         check_output_path(args.report, inputs[:2] + [args.output] + ([args.save_model] if args.save_model else []))
-        if args.method not in ("default", "fill-walk"):
-            raise InputError("--report needs the default method (fill-walk): confidence comes from its walk.")
+        if args.method not in ("default", "register-walk", "fill-walk"):
+            raise InputError("--report needs the default method (register-walk) or fill-walk: confidence comes "
+                             "from their walk.")
     image = read_volume(args.image)
     labels = read_label_map(args.labels, image)
     started = time.perf_counter()

@@ -30,6 +30,7 @@ STAGE_TEXT = {
     "loading": "loading the model",
     "encoding": "encoding slices",
     "adapting": "adapting the model",
+    "registering": "following the image between painted slices",
     "propagating": "propagating",
 }
 

@@ -27,6 +27,22 @@ def test_five_painted_liver_slices_segment_the_liver(sample_result, sample_refer
     assert spleen >= 0.75, f"spleen Dice on unpainted slices {spleen:.3f}"
 
 
+def test_default_fill_between_painted_slices_beats_contour_interpolation(sample_adaptation, sample_result,
+                                                                       sample_reference):
+    from SAMFewshotLib.pipeline import propagate
+
+    contour = propagate(sample_adaptation, "fill-walk")
+    between = [i for i in range(PAINTED_SLICES[0] + 1, PAINTED_SLICES[-1]) if i not in PAINTED_SLICES]
+    for value, name in ((1, "liver"), (2, "spleen")):
+        registered = dice(sample_result.labels[between] == value, sample_reference[between] == value)
+        interpolated = dice(contour.labels[between] == value, sample_reference[between] == value)
+        print(f"{name}: registration-guided {registered:.3f}, contour interpolation {interpolated:.3f}")
+        assert registered >= interpolated + 0.01, f"{name}: {registered:.3f} vs {interpolated:.3f}"
+    # beyond the painted range both walk the same way
+    outside = [i for i in range(sample_reference.shape[0]) if not PAINTED_SLICES[0] <= i <= PAINTED_SLICES[-1]]
+    np.testing.assert_array_equal(sample_result.labels[outside], contour.labels[outside])
+
+
 def test_walk_beyond_the_painted_range_finds_liver_there(sample_result, sample_reference):
     # The liver starts at slice 6; the first painted slice is 10. Fill-between predicts nothing below 10.
     below = slice(0, PAINTED_SLICES[0])

@@ -1,0 +1,203 @@
+"""Fill between painted slices by following the image: each painted mask is carried slice by slice by 2D
+deformable registration, from both ends of a gap, and the two are blended.
+
+Contour interpolation (Slicer's Fill between slices) only sees the two painted shapes, so a structure that
+bends, splits or changes shape between them is morphed along a straight path. The image between them shows
+where the boundary really goes. Registering each slice onto the next (SimpleITK's symmetric-forces demons, on
+intensities normalised over the volume) and warping the painted mask's signed distance along that chain
+follows it; the chains from the painted slice below and above a gap are averaged with weights that favour the
+nearer one. On the development data this lifts the Dice of the slices between painted ones from 0.86 to
+0.91 at k = 5 (docs/benchmarks.md).
+
+Registration can also lose the structure (thin, winding or repetitive ones: colon, pancreas). Each chain is
+run on to the painted slice at the other end of the gap, where the truth is known: if the two chains
+reproduce those painted masks less than half right, and no better than copying one painted mask onto the
+other would, the gap is filled by contour interpolation instead (``GapReport``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from skimage.transform import resize
+
+from .errors import Cancelled
+
+# Demons settings, in pixels of the slice; fixed on the development data, not per structure.
+DEMONS_ITERATIONS = 50
+DEMONS_SMOOTHING = 1.5
+# the registration sees the bracketing masks' bounding box plus this many pixels around it, shrunk to at most
+# MAX_SIDE pixels a side (a 512 x 512 CT's liver then costs what the development CT's 3 mm slices cost)
+CROP_MARGIN = 10
+MAX_SIDE = 128
+# a chain that reproduces the painted mask at the far end of its gap with at least this Dice has kept hold of
+# the structure (more overlap than not), even where copying the near painted mask would do better there
+TRUSTED_REACH = 0.5
+_OUTSIDE = -1e3  # signed distance for "far outside" where a warp samples beyond the crop
+
+
+@dataclass
+class GapReport:
+    """How one gap between two painted slices of a label was filled."""
+
+    label: int
+    below: int  # painted slice below the gap
+    above: int  # painted slice above the gap
+    reach: float  # mean Dice of the two chains' masks with the painted mask at the far end
+    copy_dice: float  # Dice of the two painted masks with each other (what copying one onto the other gives)
+    registered: bool  # True: filled by registration; False: by contour interpolation
+
+    @property
+    def gap(self) -> int:
+        return self.above - self.below - 1
+
+
+def normalised_intensities(slices: np.ndarray) -> np.ndarray:
+    """Intensities scaled to 0..1 between the volume's 0.5th and 99.5th percentiles (any modality)."""
+    values = np.asarray(slices, dtype=np.float32)
+    low, high = np.percentile(values, [0.5, 99.5])
+    return np.clip((values - low) / max(float(high - low), 1e-6), 0.0, 1.0).astype(np.float32)
+
+
+def signed_distance(mask: np.ndarray) -> np.ndarray:
+    """Positive inside, negative outside, in pixels."""
+    if not mask.any():
+        return np.full(mask.shape, _OUTSIDE, np.float32)
+    return (ndimage.distance_transform_edt(mask) - ndimage.distance_transform_edt(~mask)).astype(np.float32)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def carry_along(intensities: np.ndarray, start: int, stop: int, distance: np.ndarray) -> dict[int, np.ndarray]:
+    """Warp a signed distance map from slice ``start`` through every slice up to ``stop`` (inclusive).
+
+    Args:
+        intensities: (N, rows, cols) normalised slices.
+        distance: (rows, cols) signed distance of the mask on slice ``start``.
+    Returns:
+        slice index -> (rows, cols) the warped signed distance on that slice.
+    """
+    import SimpleITK as sitk
+
+    step = 1 if stop > start else -1
+    current = sitk.GetImageFromArray(distance.astype(np.float32))
+    # one thread: on images this small, thread start-up costs more than it saves (3x faster on 2 cores)
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(DEMONS_ITERATIONS)
+    demons.SetStandardDeviations(DEMONS_SMOOTHING)
+    demons.SetNumberOfThreads(1)
+    warp = sitk.ResampleImageFilter()
+    warp.SetInterpolator(sitk.sitkLinear)
+    warp.SetDefaultPixelValue(_OUTSIDE)
+    warp.SetNumberOfThreads(1)
+    out = {}
+    for index in range(start + step, stop + step, step):
+        fixed = sitk.GetImageFromArray(intensities[index])
+        moving = sitk.GetImageFromArray(intensities[index - step])
+        warp.SetReferenceImage(fixed)
+        warp.SetTransform(sitk.DisplacementFieldTransform(demons.Execute(fixed, moving)))
+        current = warp.Execute(current)
+        out[index] = sitk.GetArrayFromImage(current)
+    return out
+
+
+def _crop(masks: Sequence[np.ndarray]) -> tuple[slice, slice]:
+    union = np.logical_or.reduce(masks)
+    rows, cols = np.nonzero(union)
+    shape = union.shape
+    return (slice(max(int(rows.min()) - CROP_MARGIN, 0), min(int(rows.max()) + CROP_MARGIN + 1, shape[0])),
+            slice(max(int(cols.min()) - CROP_MARGIN, 0), min(int(cols.max()) + CROP_MARGIN + 1, shape[1])))
+
+
+def fill_gap(intensities: np.ndarray, below_mask: np.ndarray, above_mask: np.ndarray, below: int, above: int
+             ) -> tuple[dict[int, np.ndarray], float]:
+    """Masks on the slices strictly between ``below`` and ``above`` from the two registration chains.
+
+    Returns:
+        (slice index -> boolean mask, reach: mean Dice of each chain with the painted mask at its far end).
+    """
+    window = _crop([below_mask, above_mask])
+    crop_shape = below_mask[window].shape
+    scale = min(1.0, MAX_SIDE / max(crop_shape))
+    small = tuple(max(int(round(n * scale)), 1) for n in crop_shape)
+
+    def shrink(array: np.ndarray) -> np.ndarray:  # (..., rows, cols) of the crop -> the registration's grid
+        if scale == 1.0:
+            return array
+        return resize(array, array.shape[:-2] + small, order=1, preserve_range=True, anti_aliasing=True
+                      ).astype(np.float32)
+
+    region = shrink(intensities[min(below, above):max(below, above) + 1, window[0], window[1]])
+    # distances are in crop pixels on both grids, so that thresholding at 0 means the same everywhere
+    up = carry_along(region, 0, above - below, shrink(signed_distance(below_mask[window])))
+    down = carry_along(region, above - below, 0, shrink(signed_distance(above_mask[window])))
+
+    def on_crop(distance: np.ndarray) -> np.ndarray:
+        if scale == 1.0:
+            return distance > 0
+        return resize(distance, crop_shape, order=1, preserve_range=True, anti_aliasing=False) > 0
+
+    reach = 0.5 * (_dice(on_crop(up[above - below]), above_mask[window])
+                   + _dice(on_crop(down[0]), below_mask[window]))
+    masks = {}
+    for index in range(below + 1, above):
+        weight = (index - below) / (above - below)
+        mask = np.zeros(below_mask.shape, bool)
+        mask[window] = on_crop((1.0 - weight) * up[index - below] + weight * down[index - below])
+        masks[index] = mask
+    return masks, reach
+
+
+def fill_between_by_registration(
+    slices: np.ndarray,
+    labels: np.ndarray,
+    painted_indices: Sequence[int],
+    interpolated: np.ndarray,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> tuple[np.ndarray, list[GapReport]]:
+    """Fill every label between its painted slices by registration, falling back to ``interpolated``.
+
+    Args:
+        slices: (N, rows, cols) image slices along the painted axis.
+        labels: (N, rows, cols) the user's labels (non-zero only on painted slices).
+        painted_indices: the painted slices.
+        interpolated: (N, rows, cols) contour interpolation of ``labels`` (``baselines.fill_between_slices``),
+            used for a gap where registration does not reproduce the painted ends.
+        progress: called with ("registering", gaps done, gaps) after each gap; ``cancel`` is checked before each.
+    Returns:
+        The filled label stack (painted slices unchanged; where labels overlap, the smaller value wins, as in
+        contour interpolation) and a report per gap.
+    """
+    intensities = normalised_intensities(slices)
+    painted = sorted(set(int(i) for i in painted_indices))
+    result = np.zeros_like(labels)
+    result[painted] = labels[painted]
+    gaps = []
+    for value in sorted(int(v) for v in np.unique(labels[painted]) if v != 0):
+        with_value = [i for i in painted if np.any(labels[i] == value)]
+        gaps += [(value, below, above) for below, above in zip(with_value[:-1], with_value[1:])
+                 if any(i not in painted for i in range(below + 1, above))]
+    reports = []
+    for done, (value, below, above) in enumerate(gaps):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled; nothing was written.")
+        below_mask, above_mask = labels[below] == value, labels[above] == value
+        masks, reach = fill_gap(intensities, below_mask, above_mask, below, above)
+        copy_dice = _dice(below_mask, above_mask)
+        registered = reach > min(copy_dice, TRUSTED_REACH)
+        reports.append(GapReport(value, below, above, reach, copy_dice, registered))
+        for index in (i for i in range(below + 1, above) if i not in painted):
+            mask = masks[index] if registered else interpolated[index] == value
+            result[index][mask & (result[index] == 0)] = value
+        if progress:
+            progress("registering", done + 1, len(gaps))
+    return result, reports
