@@ -3,8 +3,10 @@
 The default method fills between painted slices by contour interpolation and lets the decoder walk beyond
 them, so what can go wrong differs by where a slice lies:
 
-- between two painted slices, interpolation is only as good as the structure is smooth there: the less the
-  two bracketing painted masks overlap, and the farther the slice is from both, the less it can be trusted;
+- between two painted slices, contour interpolation is only as good as the structure is smooth there: the
+  more the two bracketing painted shapes differ, and the farther the slice is from both, the less it can be
+  trusted; where registration filled the gap, how well it carried each painted mask to the other painted
+  slice (its reach) says how far it can be trusted over the gap;
 - beyond the painted range, the walk is as good as the decoder is sure (its mean foreground probability)
   and as the shape is continuous (overlap with the previous slice);
 - at the end of a walk, the structure's extent is uncertain unless the decoder stopped because it saw
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from .registered_fill import GapReport
 from .spatial import WalkReport
 
 # confidence that the first slice beyond a walk's end is really empty, by why the walk stopped
@@ -87,6 +90,7 @@ def label_confidence(
     painted_indices: Sequence[int],
     value: int,
     walk: WalkReport | None = None,
+    gaps: Sequence[GapReport] = (),
 ) -> list[SliceConfidence]:
     """Confidence of every slice for one label.
 
@@ -94,6 +98,7 @@ def label_confidence(
         result: (N, rows, cols) propagated label stack, slices along axis 0.
         painted: (N, rows, cols) the user's label stack; ``painted_indices`` the painted slices.
         walk: what the decoder's walk beyond the painted range did (None: no walk, e.g. Fill-between alone).
+        gaps: how registration filled the gaps between painted slices of this label (none: contour interpolation).
     """
     count = result.shape[0]
     painted_set = set(int(i) for i in painted_indices)
@@ -101,6 +106,7 @@ def label_confidence(
     steps = {step.index: step for step in (walk.steps if walk else [])}
     masks = result == value
     beyond_end = _doubt_beyond_ends(masks, walk, painted, with_value, value)
+    registered = {(gap.below, gap.above): gap.reach for gap in gaps if gap.registered}
     out = []
     for index in range(count):
         mask = masks[index]
@@ -114,8 +120,11 @@ def label_confidence(
             below = max(i for i in with_value if i < index)
             above = min(i for i in with_value if i > index)
             t = (index - below) / (above - below)
-            # contour interpolation follows a structure that moves, so only a change of shape is doubtful
-            change = 1.0 - aligned_dice(painted[below] == value, painted[above] == value)
+            if (below, above) in registered:
+                change = 1.0 - registered[(below, above)]
+            else:
+                # contour interpolation follows a structure that moves, so only a change of shape is doubtful
+                change = 1.0 - aligned_dice(painted[below] == value, painted[above] == value)
             kind, certainty = "interpolated", 1.0 - change * 2.0 * min(t, 1.0 - t)
         elif index in steps:
             step = steps[index]

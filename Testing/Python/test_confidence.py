@@ -10,6 +10,7 @@ from scipy.stats import spearmanr
 
 from conftest import PAINTED_SLICES, dice
 from SAMFewshotLib.confidence import label_confidence, per_slice, suggest_slice, write_report
+from SAMFewshotLib.registered_fill import GapReport
 from SAMFewshotLib.spatial import WalkReport, WalkStep
 
 
@@ -93,6 +94,23 @@ def test_interpolation_of_a_moving_structure_is_trusted_when_its_shape_holds():
         result[index] = disc(6, centre=(12 + 1.4 * index, 12 + 1.4 * index))
     confidence = {c.index: c for c in label_confidence(result, painted, [0, 10], 1)}
     assert confidence[5].expected_error == 0.0  # nothing for painting to fix there
+
+
+def test_a_registered_gap_is_as_sure_as_its_registration_reached_the_other_painted_slice():
+    painted = np.zeros((21, 40, 40), np.uint8)
+    painted[0] = painted[10] = painted[20] = disc(6)  # same shape everywhere: interpolation alone looks sure
+    result = painted.copy()
+    result[1:20] = disc(6)
+    gaps = [GapReport(1, 0, 10, reach=0.95, copy_dice=1.0, registered=True),
+            GapReport(1, 10, 20, reach=0.55, copy_dice=1.0, registered=True)]
+    confidence = {c.index: c for c in label_confidence(result, painted, [0, 10, 20], 1, gaps=gaps)}
+    assert confidence[15].confidence < confidence[5].confidence < 1.0
+    assert confidence[15].confidence < confidence[12].confidence  # least sure midway
+    assert suggest_slice(list(confidence.values())) == 15
+    # a gap registration gave up on keeps the contour-interpolation rule
+    fallback = [GapReport(1, 10, 20, reach=0.2, copy_dice=1.0, registered=False)]
+    plain = {c.index: c for c in label_confidence(result, painted, [0, 10, 20], 1, gaps=fallback)}
+    assert plain[15].expected_error == 0.0
 
 
 def test_the_suggestion_bisects_the_run_with_the_most_expected_error():
