@@ -77,8 +77,9 @@ def main(argv=None) -> int:
                       f"{row['registered']:.3f} ({row['fallbacks']}/{row['gaps']} gaps fell back, {seconds:.1f} s)",
                       flush=True)
 
+    given = " ".join(sys.argv[1:] if argv is None else argv)
     lines = [f"{machine_text()} {dt.date.today().isoformat()}; command: `python benchmarks/between_painted.py"
-             + (f" --structures {' '.join(args.structures)}" if args.structures else "") + "`", "",
+             + (f" {given}" if given else "") + "`", "",
              "Mean Dice over the unpainted slices between the first and last painted slice:", "",
              "| structures | n | " + " | ".join(f"k={k} Fill-between | k={k} registered" for k in args.ks) + " |",
              "|---|---|" + "---|---|" * len(args.ks)]
