@@ -1,7 +1,7 @@
 """Per-slice confidence of a propagated segmentation, and the slice worth painting next.
 
-The default method fills between painted slices by contour interpolation and lets the decoder walk beyond
-them, so what can go wrong differs by where a slice lies:
+The walk methods fill between painted slices (by registration, or contour interpolation) and let the decoder
+walk beyond them, so what can go wrong differs by where a slice lies:
 
 - between two painted slices, contour interpolation is only as good as the structure is smooth there: the
   more the two bracketing painted shapes differ, and the farther the slice is from both, the less it can be

@@ -7,8 +7,8 @@ where the boundary really goes. Registering each slice onto the next (SimpleITK'
 intensities normalised over the volume) and warping the painted mask's signed distance along that chain
 follows it; the chains from the painted slice below and above a gap are averaged with weights that favour the
 nearer one. On the 12 development CT structures this lifts the Dice of the slices between painted ones from
-0.86 to 0.91 at k = 5, and on 11 other CT structures of that volume, never used to choose the settings, from
-0.78 to 0.85 (docs/benchmarks.md).
+0.86 to 0.91 at k = 5, and on the 13 other CT structures of that volume, never used to choose the settings,
+from 0.79 to 0.85 (benchmarks/between_painted.py, docs/benchmarks.md).
 
 Registration can also lose the structure (thin, winding or repetitive ones: colon, pancreas). Each chain is
 run on to the painted slice at the other end of the gap, where the truth is known: if the two chains
@@ -51,10 +51,6 @@ class GapReport:
     reach: float  # mean Dice of the two chains' masks with the painted mask at the far end
     copy_dice: float  # Dice of the two painted masks with each other (what copying one onto the other gives)
     registered: bool  # True: filled by registration; False: by contour interpolation
-
-    @property
-    def gap(self) -> int:
-        return self.above - self.below - 1
 
 
 def normalised_intensities(slices: np.ndarray) -> np.ndarray:
