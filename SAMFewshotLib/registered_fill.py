@@ -156,7 +156,7 @@ def fill_between_by_registration(
     slices: np.ndarray,
     labels: np.ndarray,
     painted_indices: Sequence[int],
-    interpolated: np.ndarray,
+    interpolated: np.ndarray | Callable[[], np.ndarray],
     *,
     progress: Callable[[str, int, int], None] | None = None,
     cancel: threading.Event | None = None,
@@ -168,7 +168,8 @@ def fill_between_by_registration(
         labels: (N, rows, cols) the user's labels (non-zero only on painted slices).
         painted_indices: the painted slices.
         interpolated: (N, rows, cols) contour interpolation of ``labels`` (``baselines.fill_between_slices``),
-            used for a gap where registration does not reproduce the painted ends.
+            used for a gap where registration does not reproduce the painted ends; or a function returning
+            it, called only if some gap needs it (loading ITK's interpolator alone takes ~10 s).
         progress: called with ("registering", gaps done, gaps) after each gap; ``cancel`` is checked before each.
     Returns:
         The filled label stack (painted slices unchanged; where labels overlap, the smaller value wins, as in
@@ -183,7 +184,7 @@ def fill_between_by_registration(
         with_value = [i for i in painted if np.any(labels[i] == value)]
         gaps += [(value, below, above) for below, above in zip(with_value[:-1], with_value[1:])
                  if any(i not in painted for i in range(below + 1, above))]
-    reports = []
+    reports, fallback = [], None
     for done, (value, below, above) in enumerate(gaps):
         if cancel is not None and cancel.is_set():
             raise Cancelled("cancelled; nothing was written.")
@@ -192,8 +193,10 @@ def fill_between_by_registration(
         copy_dice = _dice(below_mask, above_mask)
         registered = reach > min(copy_dice, TRUSTED_REACH)
         reports.append(GapReport(value, below, above, reach, copy_dice, registered))
+        if not registered and fallback is None:
+            fallback = interpolated() if callable(interpolated) else interpolated
         for index in (i for i in range(below + 1, above) if i not in painted):
-            mask = masks[index] if registered else interpolated[index] == value
+            mask = masks[index] if registered else fallback[index] == value
             result[index][mask & (result[index] == 0)] = value
         if progress:
             progress("registering", done + 1, len(gaps))

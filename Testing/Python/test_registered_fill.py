@@ -40,7 +40,9 @@ def test_follows_a_structure_that_curves_between_painted_slices():
     labels = np.zeros(truth.shape, np.uint8)
     labels[painted] = truth[painted]
     interpolated = fill_between_slices(labels, 0)
-    filled, reports = fill_between_by_registration(image, labels, painted, interpolated)
+    calls = []
+    filled, reports = fill_between_by_registration(image, labels, painted,
+                                                   lambda: calls.append(1) or interpolated)
 
     middle = slice(1, SLICES - 1)
     registered = dice(filled[middle] == 1, truth[middle])
@@ -51,6 +53,7 @@ def test_follows_a_structure_that_curves_between_painted_slices():
     assert [r.registered for r in reports] == [True]
     assert reports[0].reach >= 0.85
     np.testing.assert_array_equal(filled[painted], labels[painted])
+    assert calls == [], "no gap fell back, so contour interpolation (slow to load) should not have run"
 
 
 def test_a_large_crop_is_registered_on_a_coarser_grid_and_mapped_back_in_place():
@@ -81,7 +84,8 @@ def test_falls_back_to_contour_interpolation_where_the_image_shows_nothing():
     labels = np.zeros((9, SIZE, SIZE), np.uint8)
     labels[0], labels[8] = disk(30, 24, 8), disk(34, 40, 5)
     interpolated = fill_between_slices(labels, 0)
-    filled, reports = fill_between_by_registration(np.zeros(labels.shape, np.float32), labels, [0, 8], interpolated)
+    filled, reports = fill_between_by_registration(np.zeros(labels.shape, np.float32), labels, [0, 8],
+                                                   lambda: interpolated)
     assert [r.registered for r in reports] == [False]
     np.testing.assert_array_equal(filled, interpolated)
 
