@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("-o", "--output", required=True, help="output label map (same geometry as the image)")
     common(segment)
     adaptation(segment)
-    segment.add_argument("--method", default="default", help="default (= register-walk), register-walk, fill-walk (contour interpolation inside the painted range), "
+    segment.add_argument("--method", default="default", help="default (= register-walk), register-walk, register-box-walk (box prompts checked by the decoder beyond the painted range), fill-walk (contour interpolation inside the painted range), "
                          "seed (the paper's per-slice prediction) or seed-linked")
     segment.add_argument("--save-model", default=None, help="also save the adapted model to this file")
     segment.add_argument("--report", default=None,
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _segment(args, progress: Progress) -> int:
-    from .pipeline import segment_volume
+    from .pipeline import WALK_METHODS, segment_volume
     from .volume_io import check_output_path, read_label_map, read_volume, write_label_map
 
     inputs = [args.image, args.labels] + ([args.save_model] if args.save_model else [])
@@ -196,9 +196,9 @@ def _segment(args, progress: Progress) -> int:
         check_output_path(args.save_model, inputs[:2] + [args.output])
     if args.report:
         check_output_path(args.report, inputs[:2] + [args.output] + ([args.save_model] if args.save_model else []))
-        if args.method not in ("default", "register-walk", "fill-walk"):
-            raise InputError("--report needs the default method (register-walk) or fill-walk: confidence comes "
-                             "from their walk.")
+        if args.method not in ("default",) + WALK_METHODS:
+            raise InputError(f"--report needs the default method or one of {', '.join(WALK_METHODS)}: confidence "
+                             "comes from their walk.")
     image = read_volume(args.image)
     labels = read_label_map(args.labels, image)
     started = time.perf_counter()

@@ -1,16 +1,16 @@
 """Per-slice confidence of a propagated segmentation, and the slice worth painting next.
 
-The walk methods fill between painted slices (by registration, or contour interpolation) and let the decoder
-walk beyond them, so what can go wrong differs by where a slice lies:
+The walk methods fill between painted slices (by registration, or contour interpolation) and walk beyond them
+(SAM box-prompted slice by slice and checked by the decoder, or the decoder alone), so what can go wrong differs by where a slice lies:
 
 - between two painted slices, contour interpolation is only as good as the structure is smooth there: the
   more the two bracketing painted shapes differ, and the farther the slice is from both, the less it can be
   trusted; where registration filled the gap, how well it carried each painted mask to the other painted
   slice (its reach) says how far it can be trusted over the gap;
-- beyond the painted range, the walk is as good as the decoder is sure (its mean foreground probability)
-  and as the shape is continuous (overlap with the previous slice);
-- at the end of a walk, the structure's extent is uncertain unless the decoder stopped because it saw
-  nothing attached there any more; the structure may go on for a few slices, less likely the farther
+- beyond the painted range, the walk is as good as the decoder is sure (its mean foreground probability
+  over what was written) and as the shape is continuous (overlap with the previous slice);
+- at the end of a walk, the structure's extent is uncertain unless the walk stopped because it saw the
+  structure end there; the structure may go on for a few slices, less likely the farther
   past the end, so the doubt fades over the slices beyond it;
 - what is at stake on a walked slice is at least the cross-section next to it on the painted side: a walk
   that suddenly loses most of the structure is as wrong as the area it lost.
@@ -34,8 +34,12 @@ from scipy import ndimage
 from .registered_fill import GapReport
 from .spatial import WalkReport
 
-# confidence that the first slice beyond a walk's end is really empty, by why the walk stopped
-END_CONFIDENCE = {"empty": 0.7, "edge": 1.0, "painted": 1.0, "spread": 0.4, "grew": 0.4}
+# confidence that the first slice beyond a walk's end is really empty, by why the walk stopped: high where
+# the walk saw the structure end (nothing attached, or its intensity changed under most of the last mask),
+# low where it stopped because something else got in (the mask spread, grew or jumped), between where the
+# decoder no longer recognised an outline or the outline left the structure's intensity
+END_CONFIDENCE = {"empty": 0.7, "no points": 0.7, "edge": 1.0, "painted": 1.0, "spread": 0.4, "grew": 0.4,
+                  "jumped": 0.4, "unrecognised": 0.5, "intensity": 0.5}
 # Past an uncertain end the structure may go on. How far is unknown; the scale at hand is the stretch the
 # user painted: the chance that it goes on shrinks slice by slice so that the doubt reaches, on average,
 # END_DOUBT_REACH of the painted span past the end (with two slices painted at a structure's quartiles, half

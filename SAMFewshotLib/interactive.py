@@ -40,6 +40,8 @@ class InteractiveSession:
         image: the volume.
         axis: "auto" (the axis of largest spacing, as for painted slices), "axial", "coronal", "sagittal"
             or a numpy axis.
+        embeddings: the volume's ``VolumeEmbeddings`` when they already exist (then ``axis``, ``model``,
+            ``window`` and ``cache_dir`` are theirs).
     """
 
     def __init__(
@@ -53,11 +55,16 @@ class InteractiveSession:
         window: IntensityWindow | str | None = None,
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
+        embeddings: VolumeEmbeddings | None = None,
     ):
         from .pipeline import get_model
 
         check_volume(image)
         self.image = image
+        if embeddings is not None:  # slices already being encoded for this volume (an adaptation's): share them
+            self.axis, self.model, self.embeddings = embeddings.axis, embeddings.model, embeddings
+            self.axis_name = anatomical_name(image.direction_matrix, self.axis)
+            return
         self.axis = resolve_axis(axis, image)
         self.axis_name = anatomical_name(image.direction_matrix, self.axis)
         window = window if isinstance(window, IntensityWindow) else IntensityWindow.parse(window)

@@ -19,9 +19,11 @@ from .embeddings import VolumeEmbeddings, check_cancel, slice_stack
 from .errors import InputError
 from .fewshot_decoder import FewShotMaskDecoder
 from .intensity import IntensityWindow
+from .interactive import InteractiveSession
 from .models import DEFAULT_MODEL, SamModel, load_model, resolve_device
 from .painted_slices import PaintedSlices, find_painted_slices, numpy_axis_for
 from .spatial import WalkReport, keep_components_linked_to_painted, walk_beyond_painted
+from .prompt_propagation import prompt_walk_beyond_painted
 from .propagation import paste_painted, predict_probabilities, probabilities_to_labels
 from .registered_fill import GapReport, fill_between_by_registration
 from .volume_io import Volume, check_volume, label_dtype
@@ -29,9 +31,12 @@ from .volume_io import Volume, check_volume, label_dtype
 ProgressCallback = Callable[[str, int, int], None]
 # "seed": the paper's per-slice prediction. "seed-linked": the same, keeping only the 3D regions connected to
 # a painted voxel of the same label (see spatial.py).
-# "register-walk" (the default): registration-guided fill inside the painted range, the decoder walking beyond it;
-# "fill-walk": the same with Fill-between-slices (contour interpolation) inside the range.
-METHODS = ("register-walk", "fill-walk", "seed", "seed-linked")
+# "register-walk" (the default): registration-guided fill inside the painted range, the few-shot decoder walking
+# beyond it. "register-box-walk": the same inside; beyond, each next slice is box-prompted from the last mask
+# and kept while the adapted decoder recognises the structure (better at k = 5, worse on bones at k = 3: see
+# docs/benchmarks.md). "fill-walk": "register-walk" with Fill-between-slices (contour interpolation) inside.
+METHODS = ("register-walk", "register-box-walk", "fill-walk", "seed", "seed-linked")
+WALK_METHODS = ("register-walk", "register-box-walk", "fill-walk")
 DEFAULT_METHOD = "register-walk"
 
 _loaded_models: dict[tuple[str, str], SamModel] = {}
@@ -166,7 +171,8 @@ def propagate(
         confidence = None
     else:
         result_stack, walks, gaps = _fill_and_walk(adaptation, dtype, progress, cancel,
-                                                   register=method == "register-walk")
+                                                   register=method != "fill-walk",
+                                                   box_walk=method == "register-box-walk")
         confidence = [item for value in painted.label_values
                       for item in label_confidence(result_stack, label_stack, painted.indices, value, walks[value],
                                                    [gap for gap in gaps if gap.label == value])]
@@ -225,34 +231,42 @@ def segment_volume(
     return propagate(adaptation, method, label_names=label_names, progress=progress, cancel=cancel)
 
 
-def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bool = True
+def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bool = True, box_walk: bool = False
                    ) -> tuple[np.ndarray, dict[int, WalkReport], list[GapReport]]:
-    """Fill between painted slices, then the few-shot decoder walks beyond them.
+    """Fill between painted slices, then walk beyond them.
 
     Between painted slices, the image itself says where the structure goes: registration carries the painted
     masks through the gap (``registered_fill``; with ``register=False``, or where registration does not
     reproduce the painted ends, Slicer's Fill between slices). The decoder's per-slice prediction is worse
     there. Beyond the first and last painted slice neither predicts anything, and that is where the decoder,
     which knows what the structure looks like, extends it slice by slice (``spatial.walk_beyond_painted``).
+    With ``box_walk``, SAM box-prompted from the previous slice's mask outlines it instead, while the decoder
+    still recognises it (``prompt_propagation.prompt_walk_beyond_painted``): that finds more of vessels and
+    organs whose look changes towards their ends (aorta, spleen), and less of bones at k = 3.
     Only the slices the walk reaches are encoded.
     """
     from .baselines import fill_between_slices
 
     painted, label_stack, embeddings = adaptation.painted, adaptation.label_stack, adaptation.embeddings
-    # on each label's bounding box, as Slicer runs it: the same Dice on the development data (18 structures,
-    # k = 3/5/10) in a quarter of the time
-    result = fill_between_slices(label_stack, 0, crop=True).astype(dtype)
+    def interpolated() -> np.ndarray:
+        # on each label's bounding box, as Slicer runs it: the same Dice on the development data (18
+        # structures, k = 3/5/10) in a quarter of the time
+        return fill_between_slices(label_stack, 0, crop=True).astype(dtype)
+
     gaps = []
     if register:
-        result, gaps = fill_between_by_registration(embeddings.slices, label_stack, painted.indices, result,
+        result, gaps = fill_between_by_registration(embeddings.slices, label_stack, painted.indices, interpolated,
                                                  progress=progress, cancel=cancel)
         result = result.astype(dtype)
+    else:
+        result = interpolated()
     result[list(painted.indices)] = label_stack[list(painted.indices)]
     rows_mm, cols_mm = embeddings.transform.pixel_spacing
     slice_mm = float(np.asarray(embeddings.volume.spacing)[::-1][painted.axis])
     # beyond its painted range a structure tapers: let its boundary move at most one slice spacing per slice
     radius = int(np.ceil(slice_mm / min(rows_mm, cols_mm)))
     walked, walks = 0, {}
+    session = InteractiveSession(embeddings.volume, embeddings=embeddings) if box_walk else None
 
     for value in painted.label_values:
         def probability(index: int, direction: int, value=value) -> np.ndarray:
@@ -266,7 +280,11 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
             single = {value: adaptation.targets[value]}
             return predict_probabilities({value: adaptation.decoders[value]}, single, embeddings, [index])[value][0]
 
-        walks[value] = walk_beyond_painted(result, label_stack, painted.indices, value, probability, radius)
+        if box_walk:
+            walks[value] = prompt_walk_beyond_painted(session, result, label_stack, painted.indices, value,
+                                                      probability, seed=adaptation.settings.seed, cancel=cancel)
+        else:
+            walks[value] = walk_beyond_painted(result, label_stack, painted.indices, value, probability, radius)
     return result, walks, gaps
 
 

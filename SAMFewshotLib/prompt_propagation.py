@@ -29,7 +29,7 @@ walk followed a small darker blob for nine slices without it).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,8 +40,12 @@ from .embeddings import check_cancel
 from .errors import InputError
 from .interactive import SliceMask
 from .prompts import SlicePrompt
+from .spatial import WalkReport, WalkStep
 
 ProgressCallback = Callable[[str, int, int], None]
+# beyond the painted range, a step is kept only where the few-shot decoder gives the new mask at least this
+# mean foreground probability (``prompt_walk_beyond_painted``)
+MIN_RECOGNISED = 0.2
 
 
 @dataclass(frozen=True)
@@ -233,3 +237,69 @@ def _linked_regions(predicted: np.ndarray, current: np.ndarray, points: np.ndarr
     linked |= set(np.unique(regions[current]).tolist())
     linked.discard(0)
     return np.isin(regions, sorted(linked))
+
+
+def prompt_walk_beyond_painted(
+    session,
+    result: np.ndarray,
+    painted: np.ndarray,
+    painted_indices: Sequence[int],
+    value: int,
+    probability: Callable[[int, int], np.ndarray],
+    *,
+    settings: PropagationSettings = PropagationSettings(),
+    min_recognised: float = MIN_RECOGNISED,
+    seed: int = 0,
+    cancel: threading.Event | None = None,
+) -> WalkReport:
+    """Extend label ``value`` beyond its first and last painted slice by this walk, each step checked by the
+    few-shot decoder.
+
+    From the outermost painted mask on each side, each step box-prompts the next slice (``walk_prompts``'s
+    step, with its guards); the new mask is kept if the decoder adapted to this structure gives it a mean
+    foreground probability of at least ``min_recognised`` (SAM outlines whatever lies in the box: unchecked,
+    the walk ran on past the femur's end into the hip bone and past the aorta's bifurcation into the iliac
+    arteries). A painted slice stops the walk: what the user painted there is final.
+
+    Args:
+        session: an ``InteractiveSession`` on the volume's slices (its ``embeddings`` those the decoder uses).
+        result: (N, rows, cols) label stack to write into (only background voxels are written).
+        painted: (N, rows, cols) the user's labels; ``painted_indices`` the painted slices.
+        probability: (slice index, direction) -> (rows, cols) the decoder's foreground probability of ``value``.
+    Returns:
+        The slices written, with the decoder's mean probability on each, and where and why each side stopped:
+        one of ``walk_prompts``'s reasons, "painted", or "unrecognised" (the decoder did not see the structure).
+    """
+    painted_set = set(int(i) for i in painted_indices)
+    with_value = [i for i in sorted(painted_set) if np.any(painted[i] == value)]
+    report = WalkReport()
+    if not with_value:
+        return report
+    for start, direction in ((with_value[0], -1), (with_value[-1], +1)):
+        rng = np.random.default_rng(seed)
+        current, current_index = painted[start] == value, start
+        pixels = session.slice_pixels(start)[current].astype(np.float64)
+        stats = (float(pixels.mean()), float(pixels.std()))
+        index, reason = start + direction, "edge"
+        while 0 <= index < session.num_slices:
+            check_cancel(cancel)
+            if index in painted_set:
+                reason = "painted"
+                break
+            _prefetch(session, index, direction, settings.prefetch)
+            step = _step(session, current, current_index, index, rng, settings, True, None, stats)
+            if isinstance(step, str):
+                reason = step
+                break
+            recognised = float(probability(index, direction)[step.mask].mean())
+            if recognised < min_recognised:
+                reason = "unrecognised"
+                break
+            result[index][step.mask & (result[index] == 0)] = value
+            overlap = 2.0 * float((step.mask & current).sum()) / float(step.mask.sum() + current.sum())
+            report.steps.append(WalkStep(index, recognised, overlap))
+            current, current_index = step.mask, index
+            index += direction
+            reason = "edge"
+        report.stops[direction] = (index, reason)
+    return report

@@ -43,6 +43,26 @@ def test_default_fill_between_painted_slices_beats_contour_interpolation(sample_
     np.testing.assert_array_equal(sample_result.labels[outside], contour.labels[outside])
 
 
+def test_box_prompted_walk_beyond_the_painted_range_beats_the_decoder_walk(sample_adaptation, sample_result,
+                                                                           sample_reference):
+    from SAMFewshotLib.pipeline import propagate
+
+    decoder_walk = sample_result  # the default, register-walk
+    boxed_walk = propagate(sample_adaptation, "register-box-walk")
+    outside = [i for i in range(sample_reference.shape[0]) if not PAINTED_SLICES[0] <= i <= PAINTED_SLICES[-1]]
+    for value, name in ((1, "liver"), (2, "spleen")):
+        boxed = dice(boxed_walk.labels[outside] == value, sample_reference[outside] == value)
+        decoded = dice(decoder_walk.labels[outside] == value, sample_reference[outside] == value)
+        print(f"{name} beyond the painted range: box-prompted walk {boxed:.3f}, decoder walk {decoded:.3f}")
+        assert boxed >= decoded + 0.01, f"{name}: {boxed:.3f} vs {decoded:.3f}"
+    # between the painted slices both fill the same way
+    between = slice(PAINTED_SLICES[0], PAINTED_SLICES[-1] + 1)
+    np.testing.assert_array_equal(boxed_walk.labels[between], decoder_walk.labels[between])
+    # its walk gives per-slice confidence too (for --report and the module's list)
+    walked = [c for c in boxed_walk.confidence if c.kind == "walked"]
+    assert walked and all(0.0 <= c.confidence <= 1.0 for c in walked)
+
+
 def test_walk_beyond_the_painted_range_finds_liver_there(sample_result, sample_reference):
     # The liver starts at slice 6; the first painted slice is 10. Fill-between predicts nothing below 10.
     below = slice(0, PAINTED_SLICES[0])
