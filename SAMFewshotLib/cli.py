@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("-o", "--output", required=True, help="output label map (same geometry as the image)")
     common(segment)
     adaptation(segment)
-    segment.add_argument("--method", default="default", help="default (= register-walk), register-walk, register-box-walk (box prompts checked by the decoder beyond the painted range), fill-walk (contour interpolation inside the painted range), "
+    segment.add_argument("--method", default="default", help="default (= register-box-walk), register-box-walk, register-walk (the decoder alone beyond the painted range), fill-walk (contour interpolation inside the painted range), "
                          "seed (the paper's per-slice prediction) or seed-linked")
     segment.add_argument("--save-model", default=None, help="also save the adapted model to this file")
     segment.add_argument("--report", default=None,

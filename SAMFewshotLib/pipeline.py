@@ -31,13 +31,13 @@ from .volume_io import Volume, check_volume, label_dtype
 ProgressCallback = Callable[[str, int, int], None]
 # "seed": the paper's per-slice prediction. "seed-linked": the same, keeping only the 3D regions connected to
 # a painted voxel of the same label (see spatial.py).
-# "register-walk" (the default): registration-guided fill inside the painted range, the few-shot decoder walking
-# beyond it. "register-box-walk": the same inside; beyond, each next slice is box-prompted from the last mask
-# and kept while the adapted decoder recognises the structure (better at k = 5, worse on bones at k = 3: see
-# docs/benchmarks.md). "fill-walk": "register-walk" with Fill-between-slices (contour interpolation) inside.
-METHODS = ("register-walk", "register-box-walk", "fill-walk", "seed", "seed-linked")
-WALK_METHODS = ("register-walk", "register-box-walk", "fill-walk")
-DEFAULT_METHOD = "register-walk"
+# "register-box-walk" (the default): registration-guided fill inside the painted range; beyond it, SAM box-
+# prompted from each slice's mask onto the next, kept while the adapted decoder recognises the structure.
+# "register-walk": the same inside; beyond, the few-shot decoder's own prediction walks outward.
+# "fill-walk": "register-walk" with Fill-between-slices (contour interpolation) inside the range.
+METHODS = ("register-box-walk", "register-walk", "fill-walk", "seed", "seed-linked")
+WALK_METHODS = ("register-box-walk", "register-walk", "fill-walk")
+DEFAULT_METHOD = "register-box-walk"
 
 _loaded_models: dict[tuple[str, str], SamModel] = {}
 
@@ -231,18 +231,18 @@ def segment_volume(
     return propagate(adaptation, method, label_names=label_names, progress=progress, cancel=cancel)
 
 
-def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bool = True, box_walk: bool = False
+def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bool = True, box_walk: bool = True
                    ) -> tuple[np.ndarray, dict[int, WalkReport], list[GapReport]]:
     """Fill between painted slices, then walk beyond them.
 
     Between painted slices, the image itself says where the structure goes: registration carries the painted
     masks through the gap (``registered_fill``; with ``register=False``, or where registration does not
     reproduce the painted ends, Slicer's Fill between slices). The decoder's per-slice prediction is worse
-    there. Beyond the first and last painted slice neither predicts anything, and that is where the decoder,
-    which knows what the structure looks like, extends it slice by slice (``spatial.walk_beyond_painted``).
-    With ``box_walk``, SAM box-prompted from the previous slice's mask outlines it instead, while the decoder
-    still recognises it (``prompt_propagation.prompt_walk_beyond_painted``): that finds more of vessels and
-    organs whose look changes towards their ends (aorta, spleen), and less of bones at k = 3.
+    there. Beyond the first and last painted slice neither predicts anything. There SAM, prompted with the box
+    of the previous slice's mask, outlines the structure slice by slice while the decoder adapted to it still
+    recognises it (``prompt_propagation.prompt_walk_beyond_painted``). With ``box_walk=False`` the decoder's
+    own prediction walks instead (``spatial.walk_beyond_painted``): it stops early where the structure
+    changes its look towards its ends (the aorta's).
     Only the slices the walk reaches are encoded.
     """
     from .baselines import fill_between_slices

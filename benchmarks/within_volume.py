@@ -62,7 +62,7 @@ from SAMFewshotLib.metrics import evaluate  # noqa: E402
 from SAMFewshotLib.volume_io import Volume, read_volume  # noqa: E402
 
 BASELINES = ("fill-between", "fill-between-dt", "nearest-slice")
-DEFAULT_METHODS = ("register-walk", "register-box-walk", "fill-walk", "seed-linked", "seed", "fill-between", "nearest-slice")
+DEFAULT_METHODS = ("register-box-walk", "register-walk", "fill-walk", "seed-linked", "seed", "fill-between", "nearest-slice")
 DEFAULT_KS = (3, 5, 10)
 # The 12 CT structures of shared/data/README.md whose Fill-between means are quoted there (0.699/0.805/0.879).
 CT12 = (

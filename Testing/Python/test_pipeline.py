@@ -27,40 +27,56 @@ def test_five_painted_liver_slices_segment_the_liver(sample_result, sample_refer
     assert spleen >= 0.75, f"spleen Dice on unpainted slices {spleen:.3f}"
 
 
-def test_default_fill_between_painted_slices_beats_contour_interpolation(sample_adaptation, sample_result,
-                                                                       sample_reference):
+@pytest.fixture(scope="module")
+def contour_result(sample_adaptation):
+    """fill-walk: Fill-between inside the painted range, the decoder walking beyond it."""
     from SAMFewshotLib.pipeline import propagate
 
-    contour = propagate(sample_adaptation, "fill-walk")
+    return propagate(sample_adaptation, "fill-walk")
+
+
+@pytest.fixture(scope="module")
+def decoder_walk_result(sample_adaptation):
+    """register-walk: the default's registration inside the painted range, the decoder walking beyond it."""
+    from SAMFewshotLib.pipeline import propagate
+
+    return propagate(sample_adaptation, "register-walk")
+
+
+def outside_painted_range(count: int) -> list[int]:
+    return [i for i in range(count) if not PAINTED_SLICES[0] <= i <= PAINTED_SLICES[-1]]
+
+
+def test_default_fill_between_painted_slices_beats_contour_interpolation(sample_result, contour_result,
+                                                                       sample_reference):
     between = [i for i in range(PAINTED_SLICES[0] + 1, PAINTED_SLICES[-1]) if i not in PAINTED_SLICES]
     for value, name in ((1, "liver"), (2, "spleen")):
         registered = dice(sample_result.labels[between] == value, sample_reference[between] == value)
-        interpolated = dice(contour.labels[between] == value, sample_reference[between] == value)
+        interpolated = dice(contour_result.labels[between] == value, sample_reference[between] == value)
         print(f"{name}: registration-guided {registered:.3f}, contour interpolation {interpolated:.3f}")
         assert registered >= interpolated + 0.01, f"{name}: {registered:.3f} vs {interpolated:.3f}"
-    # beyond the painted range both walk the same way
-    outside = [i for i in range(sample_reference.shape[0]) if not PAINTED_SLICES[0] <= i <= PAINTED_SLICES[-1]]
-    np.testing.assert_array_equal(sample_result.labels[outside], contour.labels[outside])
 
 
-def test_box_prompted_walk_beyond_the_painted_range_beats_the_decoder_walk(sample_adaptation, sample_result,
-                                                                           sample_reference):
-    from SAMFewshotLib.pipeline import propagate
-
-    decoder_walk = sample_result  # the default, register-walk
-    boxed_walk = propagate(sample_adaptation, "register-box-walk")
-    outside = [i for i in range(sample_reference.shape[0]) if not PAINTED_SLICES[0] <= i <= PAINTED_SLICES[-1]]
+def test_default_box_prompted_walk_beyond_the_painted_range_beats_the_decoder_walk(sample_result,
+                                                                                   decoder_walk_result,
+                                                                                   sample_reference):
+    outside = outside_painted_range(sample_reference.shape[0])
     for value, name in ((1, "liver"), (2, "spleen")):
-        boxed = dice(boxed_walk.labels[outside] == value, sample_reference[outside] == value)
-        decoded = dice(decoder_walk.labels[outside] == value, sample_reference[outside] == value)
+        boxed = dice(sample_result.labels[outside] == value, sample_reference[outside] == value)
+        decoded = dice(decoder_walk_result.labels[outside] == value, sample_reference[outside] == value)
         print(f"{name} beyond the painted range: box-prompted walk {boxed:.3f}, decoder walk {decoded:.3f}")
         assert boxed >= decoded + 0.01, f"{name}: {boxed:.3f} vs {decoded:.3f}"
     # between the painted slices both fill the same way
     between = slice(PAINTED_SLICES[0], PAINTED_SLICES[-1] + 1)
-    np.testing.assert_array_equal(boxed_walk.labels[between], decoder_walk.labels[between])
+    np.testing.assert_array_equal(sample_result.labels[between], decoder_walk_result.labels[between])
     # its walk gives per-slice confidence too (for --report and the module's list)
-    walked = [c for c in boxed_walk.confidence if c.kind == "walked"]
+    walked = [c for c in sample_result.confidence if c.kind == "walked"]
     assert walked and all(0.0 <= c.confidence <= 1.0 for c in walked)
+
+
+def test_decoder_walks_the_same_way_after_either_fill(decoder_walk_result, contour_result, sample_reference):
+    outside = outside_painted_range(sample_reference.shape[0])
+    np.testing.assert_array_equal(decoder_walk_result.labels[outside], contour_result.labels[outside])
 
 
 def test_walk_beyond_the_painted_range_finds_liver_there(sample_result, sample_reference):
