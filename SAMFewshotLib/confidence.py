@@ -1,7 +1,8 @@
 """Per-slice confidence of a propagated segmentation, and the slice worth painting next.
 
 The walk methods fill between painted slices (by registration, or contour interpolation) and walk beyond them
-(SAM box-prompted slice by slice and checked by the decoder, or the decoder alone), so what can go wrong differs by where a slice lies:
+(SAM box-prompted slice by slice and checked by the decoder, or the decoder alone), so what can go wrong
+differs by where a slice lies:
 
 - between two painted slices, contour interpolation is only as good as the structure is smooth there: the
   more the two bracketing painted shapes differ, and the farther the slice is from both, the less it can be

@@ -59,12 +59,12 @@ class InteractiveSession:
     ):
         from .pipeline import get_model
 
-        check_volume(image)
         self.image = image
-        if embeddings is not None:  # slices already being encoded for this volume (an adaptation's): share them
+        if embeddings is not None:  # an adaptation's, whose volume was checked already: share them
             self.axis, self.model, self.embeddings = embeddings.axis, embeddings.model, embeddings
             self.axis_name = anatomical_name(image.direction_matrix, self.axis)
             return
+        check_volume(image)
         self.axis = resolve_axis(axis, image)
         self.axis_name = anatomical_name(image.direction_matrix, self.axis)
         window = window if isinstance(window, IntensityWindow) else IntensityWindow.parse(window)

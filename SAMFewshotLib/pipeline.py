@@ -248,6 +248,7 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
     from .baselines import fill_between_slices
 
     painted, label_stack, embeddings = adaptation.painted, adaptation.label_stack, adaptation.embeddings
+
     def interpolated() -> np.ndarray:
         # on each label's bounding box, as Slicer runs it: the same Dice on the development data (18
         # structures, k = 3/5/10) in a quarter of the time

@@ -81,6 +81,22 @@ def sample_result(sample_adaptation):
 
 
 @pytest.fixture(scope="session")
+def contour_result(sample_adaptation):
+    """fill-walk: Fill-between inside the painted range, the decoder walking beyond it."""
+    from SAMFewshotLib.pipeline import propagate
+
+    return propagate(sample_adaptation, "fill-walk")
+
+
+@pytest.fixture(scope="session")
+def decoder_walk_result(sample_adaptation):
+    """register-walk: the default's registration inside the painted range, the decoder walking beyond it."""
+    from SAMFewshotLib.pipeline import propagate
+
+    return propagate(sample_adaptation, "register-walk")
+
+
+@pytest.fixture(scope="session")
 def sample_seed_result(sample_adaptation):
     """The seed paper's per-slice prediction (and its 3D-linked variant) from the same adaptation."""
     from SAMFewshotLib.pipeline import propagate

@@ -27,22 +27,6 @@ def test_five_painted_liver_slices_segment_the_liver(sample_result, sample_refer
     assert spleen >= 0.75, f"spleen Dice on unpainted slices {spleen:.3f}"
 
 
-@pytest.fixture(scope="module")
-def contour_result(sample_adaptation):
-    """fill-walk: Fill-between inside the painted range, the decoder walking beyond it."""
-    from SAMFewshotLib.pipeline import propagate
-
-    return propagate(sample_adaptation, "fill-walk")
-
-
-@pytest.fixture(scope="module")
-def decoder_walk_result(sample_adaptation):
-    """register-walk: the default's registration inside the painted range, the decoder walking beyond it."""
-    from SAMFewshotLib.pipeline import propagate
-
-    return propagate(sample_adaptation, "register-walk")
-
-
 def outside_painted_range(count: int) -> list[int]:
     return [i for i in range(count) if not PAINTED_SLICES[0] <= i <= PAINTED_SLICES[-1]]
 
