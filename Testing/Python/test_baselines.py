@@ -127,6 +127,22 @@ def test_fill_between_real_liver(sample):
     assert score > dice(nearest[inside] == 1, reference[inside] == 1)
 
 
+def test_pairwise_fill_between_fills_gaps_the_whole_stack_leaves_empty(sample):
+    """Two adjacent painted slices after a gap: ITK's filter on the whole stack leaves the gap before them
+    empty (liver painted on 6, 12 and 13; spleen on 18 and 27 beside 10, 28); pair by pair, each gap is
+    filled as it would be with only its two painted slices."""
+    reference, _, _ = sample
+    for slices, value, gap in (([6, 12, 13], 1, range(7, 12)), ([10, 18, 27, 28], 2, range(19, 27))):
+        painted = paint(reference, slices, 0)
+        whole = fill_between_slices(painted, 0, crop=True)
+        assert not (whole[gap] == value).any()  # the filter's quirk this option is there for
+        pairwise = fill_between_slices(painted, 0, crop=True, pairwise=True)
+        alone = fill_between_slices(paint(reference == value, [gap.start - 1, gap.stop], 0).astype(np.uint8), 0)
+        np.testing.assert_array_equal(pairwise[gap] == value, alone[gap] == 1)
+        assert dice(pairwise[gap] == value, reference[gap] == value) > 0.7
+        np.testing.assert_array_equal(pairwise[slices], painted[slices])
+
+
 def test_fill_between_synthetic_along_last_axis():
     """Two equal squares on slices 4 and 12 of numpy axis 2: every slice between gets the same square."""
     labels = np.zeros((20, 20, 16), np.uint8)
