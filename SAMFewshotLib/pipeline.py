@@ -23,7 +23,7 @@ from .interactive import InteractiveSession
 from .models import DEFAULT_MODEL, SamModel, load_model, resolve_device
 from .painted_slices import PaintedSlices, find_painted_slices, numpy_axis_for
 from .spatial import WalkReport, keep_components_linked_to_painted, walk_beyond_painted
-from .prompt_propagation import prompt_walk_beyond_painted
+from .prompt_propagation import prompt_walk_beyond_painted, recognition_threshold
 from .propagation import paste_painted, predict_probabilities, probabilities_to_labels
 from .registered_fill import GapReport, fill_between_by_registration
 from .volume_io import Volume, check_volume, label_dtype
@@ -240,7 +240,8 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
     reproduce the painted ends, Slicer's Fill between slices). The decoder's per-slice prediction is worse
     there. Beyond the first and last painted slice neither predicts anything. There SAM, prompted with the box
     of the previous slice's mask, outlines the structure slice by slice while the decoder adapted to it still
-    recognises it (``prompt_propagation.prompt_walk_beyond_painted``). With ``box_walk=False`` the decoder's
+    recognises it (``prompt_propagation.prompt_walk_beyond_painted``; how sure it must be:
+    ``recognition_threshold``). With ``box_walk=False`` the decoder's
     own prediction walks instead (``spatial.walk_beyond_painted``): it stops early where the structure
     changes its look towards its ends (the aorta's).
     Only the slices the walk reaches are encoded.
@@ -273,7 +274,8 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
         def probability(index: int, direction: int, value=value) -> np.ndarray:
             nonlocal walked
             check_cancel(cancel)
-            ahead = [i for i in range(index, index + direction * 4, direction) if 0 <= i < embeddings.num_slices]
+            ahead = [index] if direction == 0 else [
+                i for i in range(index, index + direction * 4, direction) if 0 <= i < embeddings.num_slices]
             embeddings.ensure(ahead)  # encode a few slices ahead in one batch
             walked += 1
             if progress:
@@ -282,8 +284,10 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
             return predict_probabilities({value: adaptation.decoders[value]}, single, embeddings, [index])[value][0]
 
         if box_walk:
+            threshold = recognition_threshold(result, label_stack, painted.indices, value, probability)
             walks[value] = prompt_walk_beyond_painted(session, result, label_stack, painted.indices, value,
-                                                      probability, seed=adaptation.settings.seed, cancel=cancel)
+                                                      probability, min_recognised=threshold,
+                                                      seed=adaptation.settings.seed, cancel=cancel)
         else:
             walks[value] = walk_beyond_painted(result, label_stack, painted.indices, value, probability, radius)
     return result, walks, gaps

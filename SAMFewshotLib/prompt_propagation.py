@@ -44,8 +44,12 @@ from .spatial import WalkReport, WalkStep
 
 ProgressCallback = Callable[[str, int, int], None]
 # beyond the painted range, a step is kept only where the few-shot decoder gives the new mask at least this
-# mean foreground probability (``prompt_walk_beyond_painted``)
+# mean foreground probability (``prompt_walk_beyond_painted``)...
 MIN_RECOGNISED = 0.2
+# ...or, for a structure that the decoder barely recognises even between the painted slices, at least this
+# share of what it gives the filled masks there (``recognition_threshold``)
+RECOGNISED_SHARE = 0.5
+RECOGNITION_GAPS = 3
 
 
 @dataclass(frozen=True)
@@ -237,6 +241,32 @@ def _linked_regions(predicted: np.ndarray, current: np.ndarray, points: np.ndarr
     linked |= set(np.unique(regions[current]).tolist())
     linked.discard(0)
     return np.isin(regions, sorted(linked))
+
+
+def recognition_threshold(result: np.ndarray, painted: np.ndarray, painted_indices: Sequence[int], value: int,
+                          probability: Callable[[int, int], np.ndarray]) -> float:
+    """How sure the decoder must be of a walked mask of label ``value``: ``MIN_RECOGNISED``, or less for a
+    structure it barely recognises anywhere.
+
+    The decoder is trained on a few painted cross-sections; on some structures (the aorta, thin muscles) it
+    gives even the correct masks between the painted slices a mean probability of a few percent, and a fixed
+    threshold then stopped every walk at its first step. Between the painted slices the filled masks (by
+    registration, Dice about 0.9) are the best evidence at hand: the threshold is ``RECOGNISED_SHARE`` of the
+    decoder's mean probability inside them, the median over the middle slices of the (at most
+    ``RECOGNITION_GAPS``) longest gaps, if that is lower. Each middle slice costs one more encoded slice.
+
+    Args:
+        result: (N, rows, cols) label stack already filled between the painted slices.
+        probability: (slice index, 0) -> (rows, cols) the decoder's foreground probability of ``value``.
+    """
+    with_value = [i for i in sorted(set(int(i) for i in painted_indices)) if np.any(painted[i] == value)]
+    gaps = sorted(((above - below, below, above) for below, above in zip(with_value[:-1], with_value[1:])
+                   if above - below > 1), reverse=True)[:RECOGNITION_GAPS]
+    middles = sorted((below + above) // 2 for _, below, above in gaps)
+    seen = [float(probability(m, 0)[result[m] == value].mean()) for m in middles if np.any(result[m] == value)]
+    if not seen:
+        return MIN_RECOGNISED
+    return min(MIN_RECOGNISED, RECOGNISED_SHARE * float(np.median(seen)))
 
 
 def prompt_walk_beyond_painted(
