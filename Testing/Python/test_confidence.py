@@ -140,6 +140,20 @@ def test_a_long_unsure_walk_is_checked_halfway_along():
     assert 11 <= suggestion <= 18  # inside the walk, not at its first or last slice
 
 
+def test_a_likely_end_gives_way_to_a_gap_where_the_shape_changes():
+    # below, the structure tapered to nothing and the walk saw it end; above, one long gap where the shape
+    # changes, up to the last slice of the volume: painting the gap's middle gains more than looking again past
+    # a likely end
+    painted = stacks({6: 3, 20: 10}, count=21)
+    result = painted.copy()
+    for index in range(7, 20):
+        result[index] = disc(3 + 0.5 * (index - 6))
+    result[5], result[4] = disc(2), disc(1)
+    walk = WalkReport(steps=[WalkStep(5, 0.9, 0.8), WalkStep(4, 0.9, 0.6)], stops={-1: (3, "empty")})
+    confidence = label_confidence(result, painted, [6, 20], 1, walk)
+    assert 10 <= suggest_slice(confidence) <= 16
+
+
 def test_report_lists_every_slice_and_the_suggestion(tmp_path):
     painted = stacks({0: 10, 20: 5})
     result = painted.copy()
