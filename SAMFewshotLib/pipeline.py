@@ -284,7 +284,9 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
             return predict_probabilities({value: adaptation.decoders[value]}, single, embeddings, [index])[value][0]
 
         if box_walk:
-            threshold = recognition_threshold(result, label_stack, painted.indices, value, probability)
+            def threshold(value=value, probability=probability) -> float:
+                return recognition_threshold(result, label_stack, painted.indices, value, probability)
+
             walks[value] = prompt_walk_beyond_painted(session, result, label_stack, painted.indices, value,
                                                       probability, min_recognised=threshold,
                                                       seed=adaptation.settings.seed, cancel=cancel)

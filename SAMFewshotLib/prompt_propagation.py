@@ -278,7 +278,7 @@ def prompt_walk_beyond_painted(
     probability: Callable[[int, int], np.ndarray],
     *,
     settings: PropagationSettings = PropagationSettings(),
-    min_recognised: float = MIN_RECOGNISED,
+    min_recognised: float | Callable[[], float] = MIN_RECOGNISED,
     seed: int = 0,
     cancel: threading.Event | None = None,
 ) -> WalkReport:
@@ -289,7 +289,9 @@ def prompt_walk_beyond_painted(
     step, with its guards); the new mask is kept if the decoder adapted to this structure gives it a mean
     foreground probability of at least ``min_recognised`` (SAM outlines whatever lies in the box: unchecked,
     the walk ran on past the femur's end into the hip bone and past the aorta's bifurcation into the iliac
-    arteries). A painted slice stops the walk: what the user painted there is final.
+    arteries). A painted slice stops the walk: what the user painted there is final. ``min_recognised`` may be
+    a function returning a threshold of at most ``MIN_RECOGNISED`` (``recognition_threshold``, which encodes
+    slices): it is called once, and only when a step falls below ``MIN_RECOGNISED``.
 
     Args:
         session: an ``InteractiveSession`` on the volume's slices (its ``embeddings`` those the decoder uses).
@@ -322,7 +324,9 @@ def prompt_walk_beyond_painted(
                 reason = step
                 break
             recognised = float(probability(index, direction)[step.mask].mean())
-            if recognised < min_recognised:
+            if callable(min_recognised) and recognised < MIN_RECOGNISED:
+                min_recognised = min_recognised()
+            if not callable(min_recognised) and recognised < min_recognised:
                 reason = "unrecognised"
                 break
             result[index][step.mask & (result[index] == 0)] = value
