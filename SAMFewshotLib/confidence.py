@@ -9,7 +9,9 @@ differs by where a slice lies:
   trusted; where registration filled the gap, how well it carried each painted mask to the other painted
   slice (its reach) says how far it can be trusted over the gap;
 - beyond the painted range, the walk is as good as the decoder is sure (its mean foreground probability
-  over what was written) and as the shape is continuous (overlap with the previous slice);
+  over what was written) and as the shape is continuous (overlap with the previous slice). A decoder adapted
+  from a few slices gives a structure it outlines well probabilities well under 1 (0.3 to 0.5 on a kidney
+  walked at Dice 0.95), so the probability is taken as it is, not as a coin flip around 0.5;
 - at the end of a walk, the structure's extent is uncertain unless the walk stopped because it saw the
   structure end there; the structure may go on for a few slices, less likely the farther
   past the end, so the doubt fades over the slices beyond it;
@@ -43,10 +45,16 @@ END_CONFIDENCE = {"empty": 0.7, "no points": 0.7, "edge": 1.0, "painted": 1.0, "
                   "jumped": 0.4, "unrecognised": 0.5, "intensity": 0.5}
 # Past an uncertain end the structure may go on. How far is unknown; the scale at hand is the stretch the
 # user painted: the chance that it goes on shrinks slice by slice so that the doubt reaches, on average,
-# END_DOUBT_REACH of the painted span past the end (with two slices painted at a structure's quartiles, half
-# of what lies beyond each), and is dropped below END_DOUBT_FLOOR.
-END_DOUBT_REACH = 0.25
+# END_DOUBT_REACH of the painted span past the end, and is dropped below END_DOUBT_FLOOR. The confidence
+# shown keeps that doubt over a whole painted span: a clinician who painted two slices has said nothing of how
+# far the structure goes beyond them, and slices it may still cover must not look as sure as interpolated ones.
+END_DOUBT_REACH = 1.0
 END_DOUBT_FLOOR = 0.05
+# What painting a slice past an uncertain end can fix counts only as far as the structure is likely to be
+# there: a slice painted where it turns out to be absent adds nothing. So the expected error that drives the
+# suggestion lets the doubt fade over a quarter of the painted span (with two slices painted at a structure's
+# quartiles, half of what lies beyond each).
+SUGGESTION_DOUBT_REACH = 0.25
 # A structure rarely stops at a full cross-section: an end as large as the largest painted cross-section
 # is doubtful whatever the decoder saw (it may just not recognise the structure there), up to this chance.
 END_DOUBT_FULL = 0.9
@@ -59,7 +67,8 @@ class SliceConfidence:
     confidence: float  # 0 (guess) .. 1 (certain)
     area: int  # voxels of the label on this slice in the result
     kind: str  # "painted", "interpolated", "walked", "end" (first slice past a walk) or "outside"
-    expected_error: float  # (1 - certainty of the shape) x the area at stake, in voxels: what painting it could fix
+    expected_error: float  # (1 - certainty of the shape) x the area at stake, in voxels: what painting it could
+    # fix (past an uncertain end, only the doubt that painting would likely settle)
 
     @property
     def uncertain_end(self) -> bool:
@@ -134,33 +143,36 @@ def label_confidence(
         elif index in steps:
             step = steps[index]
             kind = "walked"
-            certainty = float(np.clip(2.0 * step.mean_probability - 1.0, 0.0, 1.0)) * step.overlap
+            certainty = float(np.clip(step.mean_probability, 0.0, 1.0)) * step.overlap
             inward = index + (1 if index < with_value[0] else -1)
             at_stake = max(area, int(masks[inward].sum()))
         elif index in beyond_end:
-            kind, doubt, at_stake = beyond_end[index]
+            kind, doubt, fixable_doubt, at_stake = beyond_end[index]
             certainty = 1.0 - doubt
             at_stake = max(area, at_stake)
         else:
             kind, certainty = "outside", 1.0
         certainty = float(np.clip(certainty, 0.0, 1.0))
         confidence = certainty * (boundary_factor(mask) if kind != "painted" else 1.0)
-        out.append(SliceConfidence(index, int(value), confidence, area, kind, (1.0 - certainty) * at_stake))
+        uncertainty = fixable_doubt if index in beyond_end else 1.0 - certainty
+        out.append(SliceConfidence(index, int(value), confidence, area, kind, uncertainty * at_stake))
     return out
 
 
 def _doubt_beyond_ends(masks: np.ndarray, walk: WalkReport | None, painted: np.ndarray,
-                       painted_indices: Sequence[int], value: int) -> dict[int, tuple[str, float, int]]:
-    """Slice -> (kind, chance the structure goes on there, cross-section at stake) past each end of a walk.
+                       painted_indices: Sequence[int], value: int) -> dict[int, tuple[str, float, float, int]]:
+    """Slice -> (kind, chance the structure goes on there, the part of that chance painting the slice would
+    likely fix (``SUGGESTION_DOUBT_REACH``), cross-section at stake) past each end of a walk.
 
     ``painted_indices``: the painted slices that hold ``value``, sorted."""
-    out: dict[int, tuple[str, float, int]] = {}
+    out: dict[int, tuple[str, float, float, int]] = {}
     if walk is None or not painted_indices:
         return out
     count = masks.shape[0]
     largest = max(int(np.count_nonzero(painted[i] == value)) for i in painted_indices)
     span = painted_indices[-1] - painted_indices[0] + 1
-    decay = float(np.clip(1.0 - 1.0 / max(END_DOUBT_REACH * span, 1.0), 0.5, 0.95))
+    decay, fixable_decay = (float(np.clip(1.0 - 1.0 / max(reach * span, 1.0), 0.5, 0.95))
+                            for reach in (END_DOUBT_REACH, SUGGESTION_DOUBT_REACH))
     for direction, (index, reason) in walk.stops.items():
         doubt = 1.0 - END_CONFIDENCE.get(reason, 0.5)
         # the structure would go on with about the cross-section it had where the walk ended
@@ -168,10 +180,10 @@ def _doubt_beyond_ends(masks: np.ndarray, walk: WalkReport | None, painted: np.n
         at_stake = max((int(masks[i].sum()) for i in last), default=0)
         if doubt > 0.0 and largest > 0:
             doubt = max(doubt, END_DOUBT_FULL * min(at_stake / largest, 1.0))
-        kind = "end"
+        kind, fixable = "end", doubt
         while 0 <= index < count and doubt >= END_DOUBT_FLOOR and index not in out:
-            out[index] = (kind, doubt, at_stake)
-            kind, doubt, index = "outside", doubt * decay, index + direction
+            out[index] = (kind, doubt, fixable if fixable >= END_DOUBT_FLOOR else 0.0, at_stake)
+            kind, doubt, fixable, index = "outside", doubt * decay, fixable * fixable_decay, index + direction
     return out
 
 

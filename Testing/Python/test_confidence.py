@@ -140,6 +140,25 @@ def test_a_long_unsure_walk_is_checked_halfway_along():
     assert 11 <= suggestion <= 18  # inside the walk, not at its first or last slice
 
 
+def test_past_an_uncertain_end_the_doubt_lasts_but_the_suggestion_stays_near_the_end():
+    # painted over 20 slices, the walk above stopped because the mask spread, at a full cross-section: the
+    # structure may go on for many slices, so they must not look as sure as the interpolated ones; but what
+    # is worth painting is the slice just past the end, where the structure most likely still is
+    painted = stacks({2: 8, 22: 8}, count=60)
+    result = painted.copy()
+    for index in range(3, 22):
+        result[index] = disc(8)
+    result[23] = disc(8)
+    walk = WalkReport(steps=[WalkStep(23, 0.4, 0.95)], stops={-1: (1, "empty"), +1: (24, "spread")})
+    confidence = {c.index: c for c in label_confidence(result, painted, [2, 22], 1, walk)}
+    interpolated = confidence[12].confidence
+    assert all(confidence[index].confidence < interpolated for index in range(24, 34))
+    assert 24 <= suggest_slice(list(confidence.values())) <= 28
+    # a decoder adapted from two slices gives a walked slice it outlines well a probability under 0.5: that
+    # is not a guess
+    assert confidence[23].kind == "walked" and confidence[23].confidence > confidence[24].confidence
+
+
 def test_a_likely_end_gives_way_to_a_gap_where_the_shape_changes():
     # below, the structure tapered to nothing and the walk saw it end; above, one long gap where the shape
     # changes, up to the last slice of the volume: painting the gap's middle gains more than looking again past
