@@ -126,6 +126,7 @@ def label_confidence(
         mask = masks[index]
         area = int(mask.sum())
         at_stake = area
+        fixable = None  # past an uncertain end: the part of the doubt that painting the slice would settle
         # ``certainty``: how sure the shape is; the boundary factor then lowers the confidence of small
         # cross-sections, but painting a slice cannot fix that, so the expected error uses certainty alone
         if index in painted_set:
@@ -147,14 +148,14 @@ def label_confidence(
             inward = index + (1 if index < with_value[0] else -1)
             at_stake = max(area, int(masks[inward].sum()))
         elif index in beyond_end:
-            kind, doubt, fixable_doubt, at_stake = beyond_end[index]
+            kind, doubt, fixable, at_stake = beyond_end[index]
             certainty = 1.0 - doubt
             at_stake = max(area, at_stake)
         else:
             kind, certainty = "outside", 1.0
         certainty = float(np.clip(certainty, 0.0, 1.0))
         confidence = certainty * (boundary_factor(mask) if kind != "painted" else 1.0)
-        uncertainty = fixable_doubt if index in beyond_end else 1.0 - certainty
+        uncertainty = 1.0 - certainty if fixable is None else fixable
         out.append(SliceConfidence(index, int(value), confidence, area, kind, uncertainty * at_stake))
     return out
 
