@@ -2,6 +2,7 @@
 
     samfewshot segment IMAGE LABELS -o OUTPUT [--model lite-medsam|vit_b:PATH|vit_l:PATH|vit_h:PATH]
                        [--device auto|cpu|cuda] [--axis auto|axial|coronal|sagittal] [--cache-dir DIR] [--seed N]
+                       [--empty-slices N[,N...]] [--report REPORT.json]
     samfewshot train --image A --labels A_LABELS [--image B --labels B_LABELS ...] -o MODEL
     samfewshot apply MODEL IMAGE -o OUTPUT
     samfewshot click IMAGE --slice N [--point x,y[,label] ...] [--box x0,y0,x1,y1] -o OUTPUT
@@ -63,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--report", default=None,
                          help="also write per-slice confidence and the suggested next slice to this .json or .csv "
                               "(default method only)")
+    segment.add_argument("--empty-slices", action="append", default=[], metavar="N[,N...]",
+                         help="slices (indices along the painted axis, as in --report) where you checked that none "
+                              "of the labels is present: they stay empty and propagation does not go past them. "
+                              "Use it where the structure ends, or where --report suggested a slice it is absent from")
 
     train = commands.add_parser("train", help="adapt on painted slices of one or more volumes; save the model")
     train.add_argument("--image", action="append", required=True, help="a volume (repeat with --labels)")
@@ -199,12 +204,13 @@ def _segment(args, progress: Progress) -> int:
         if args.method not in ("default",) + WALK_METHODS:
             raise InputError(f"--report needs the default method or one of {', '.join(WALK_METHODS)}: confidence "
                              "comes from their walk.")
+    empty_slices = parse_slice_list(args.empty_slices, "--empty-slices")
     image = read_volume(args.image)
     labels = read_label_map(args.labels, image)
     started = time.perf_counter()
     result = segment_volume(image, labels.array, model=args.model, device=args.device, axis=args.axis,
                             cache_dir=args.cache_dir, seed=args.seed, method=args.method, window=args.window,
-                            iterations=args.iterations, progress=progress)
+                            iterations=args.iterations, progress=progress, empty_slices=empty_slices)
     progress.close()
     print(f"found {result.painted.describe()}")
     write_label_map(result.labels, image, output)
@@ -222,6 +228,18 @@ def _segment(args, progress: Progress) -> int:
     cached = ", all embeddings from the cache" if result.encoded_slices == 0 else ""
     print(f"wrote {output} ({time.perf_counter() - started:.1f} s; encoded {result.encoded_slices} slices{cached})")
     return 0
+
+
+def parse_slice_list(values: list[str], option: str) -> list[int]:
+    """``["12,80", "81"]`` -> [12, 80, 81]."""
+    out = []
+    for text in values:
+        for part in text.split(","):
+            part = part.strip()
+            if not part.isdigit():
+                raise InputError(f"{option} {text}: give slice indices as whole numbers, e.g. {option} 12,80.")
+            out.append(int(part))
+    return out
 
 
 def _train(args, progress: Progress) -> int:

@@ -110,7 +110,8 @@ def label_confidence(
 
     Args:
         result: (N, rows, cols) propagated label stack, slices along axis 0.
-        painted: (N, rows, cols) the user's label stack; ``painted_indices`` the painted slices.
+        painted: (N, rows, cols) the user's label stack; ``painted_indices`` the painted slices, and those
+            checked empty (both are final: no doubt reaches past them).
         walk: what the decoder's walk beyond the painted range did (None: no walk, e.g. Fill-between alone).
         gaps: how registration filled the gaps between painted slices of this label (none: contour interpolation).
     """
@@ -119,7 +120,7 @@ def label_confidence(
     with_value = [i for i in sorted(painted_set) if np.any(painted[i] == value)]
     steps = {step.index: step for step in (walk.steps if walk else [])}
     masks = result == value
-    beyond_end = _doubt_beyond_ends(masks, walk, painted, with_value, value)
+    beyond_end = _doubt_beyond_ends(masks, walk, painted, with_value, value, painted_set)
     registered = {(gap.below, gap.above): gap.reach for gap in gaps if gap.registered}
     out = []
     for index in range(count):
@@ -161,11 +162,13 @@ def label_confidence(
 
 
 def _doubt_beyond_ends(masks: np.ndarray, walk: WalkReport | None, painted: np.ndarray,
-                       painted_indices: Sequence[int], value: int) -> dict[int, tuple[str, float, float, int]]:
+                       painted_indices: Sequence[int], value: int, settled: set[int] = frozenset()
+                       ) -> dict[int, tuple[str, float, float, int]]:
     """Slice -> (kind, chance the structure goes on there, the part of that chance painting the slice would
     likely fix (``SUGGESTION_DOUBT_REACH``), cross-section at stake) past each end of a walk.
 
-    ``painted_indices``: the painted slices that hold ``value``, sorted."""
+    ``painted_indices``: the painted slices that hold ``value``, sorted. ``settled``: every slice the user
+    painted or checked empty; the doubt stops there."""
     out: dict[int, tuple[str, float, float, int]] = {}
     if walk is None or not painted_indices:
         return out
@@ -182,7 +185,7 @@ def _doubt_beyond_ends(masks: np.ndarray, walk: WalkReport | None, painted: np.n
         if doubt > 0.0 and largest > 0:
             doubt = max(doubt, END_DOUBT_FULL * min(at_stake / largest, 1.0))
         kind, fixable = "end", doubt
-        while 0 <= index < count and doubt >= END_DOUBT_FLOOR and index not in out:
+        while 0 <= index < count and doubt >= END_DOUBT_FLOOR and index not in out and index not in settled:
             out[index] = (kind, doubt, fixable if fixable >= END_DOUBT_FLOOR else 0.0, at_stake)
             kind, doubt, fixable, index = "outside", doubt * decay, fixable * fixable_decay, index + direction
     return out

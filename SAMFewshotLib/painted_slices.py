@@ -6,6 +6,7 @@ direction matrix: the ITK axis whose direction is closest to L-R is sagittal, to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,11 +25,21 @@ class PaintedSlices:
     axis_name: str  # "axial", "coronal" or "sagittal" (from the direction matrix)
     indices: tuple[int, ...]  # sorted slice indices along ``axis`` that hold any label
     label_values: tuple[int, ...]  # sorted non-zero label values found
+    # slices the user checked and found without any of the labels ("nothing here"): final like painted ones
+    empty: tuple[int, ...] = ()
+
+    @property
+    def settled(self) -> tuple[int, ...]:
+        """Every slice the user decided: painted or checked empty, sorted."""
+        return tuple(sorted(set(self.indices) | set(self.empty)))
 
     def describe(self) -> str:
         slices = ", ".join(str(i) for i in self.indices)
         labels = ", ".join(str(v) for v in self.label_values)
-        return f"{len(self.indices)} painted {self.axis_name} slices (array axis {self.axis}): {slices}; labels {labels}"
+        text = f"{len(self.indices)} painted {self.axis_name} slices (array axis {self.axis}): {slices}; labels {labels}"
+        if self.empty:
+            text += f"; checked empty: {', '.join(str(i) for i in self.empty)}"
+        return text
 
 
 def anatomical_name(direction: np.ndarray, numpy_axis: int) -> str:
@@ -58,12 +69,16 @@ def find_painted_slices(
     spacing: tuple[float, float, float],
     direction: np.ndarray,
     axis: str | int = "auto",
+    empty_slices: Sequence[int] = (),
 ) -> PaintedSlices:
     """Find the painted axis and slices of a sparse label map.
 
     With ``axis="auto"`` the painted axis is the one along which the labelled planes leave gaps (the
     slices between painted ones are empty), or failing that the one with clearly fewest labelled planes.
-    Raises InputError when nothing is painted or the painting is not along a single axis.
+    ``empty_slices``: indices along that axis where the user checked that none of the labels is present; a
+    label map cannot say so itself (an unpainted slice is empty too).
+    Raises InputError when nothing is painted, the painting is not along a single axis, or an empty slice
+    is outside the volume or holds labels.
     """
     if labels.ndim != 3:
         raise InputError(f"the label map is {labels.ndim}D; it must be a 3D volume like the image.")
@@ -86,12 +101,30 @@ def find_painted_slices(
     else:
         chosen = _detect_axis(occupied, spacing)
     indices = tuple(int(i) for i in occupied[chosen])
+    name = anatomical_name(direction, chosen)
     return PaintedSlices(
         axis=chosen,
-        axis_name=anatomical_name(direction, chosen),
+        axis_name=name,
         indices=indices,
         label_values=tuple(int(v) for v in values),
+        empty=_checked_empty(empty_slices, indices, labels.shape[chosen], name),
     )
+
+
+def _checked_empty(empty_slices: Sequence[int], painted: tuple[int, ...], count: int, axis_name: str
+                   ) -> tuple[int, ...]:
+    out = set()
+    for index in empty_slices:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise InputError(f"empty slice {index!r} is not a slice index; give whole numbers from 0 to {count - 1}.")
+        if not 0 <= int(index) < count:
+            raise InputError(f"empty slice {index} is outside the volume: it has {count} {axis_name} slices "
+                             f"(0 to {count - 1}).")
+        if int(index) in painted:
+            raise InputError(f"{axis_name} slice {index} is marked empty but holds painted labels; erase them there "
+                             "or do not mark it empty.")
+        out.add(int(index))
+    return tuple(sorted(out))
 
 
 def _detect_axis(occupied: list[np.ndarray], spacing: tuple[float, float, float]) -> int:

@@ -104,6 +104,7 @@ def adapt_to_painted(
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     previous: Adaptation | None = None,
+    empty_slices: Sequence[int] = (),
 ) -> Adaptation:
     """Find the painted slices, encode them, and fine-tune one decoder per label (see ``segment_volume``).
 
@@ -115,11 +116,11 @@ def adapt_to_painted(
     started = time.perf_counter()
     check_volume(image)
     labels = _check_labels(labels, image)
-    painted = find_painted_slices(labels, image.spacing, image.direction_matrix, axis)
-    if len(painted.indices) == labels.shape[painted.axis]:
+    painted = find_painted_slices(labels, image.spacing, image.direction_matrix, axis, empty_slices)
+    if len(painted.settled) == labels.shape[painted.axis]:
         raise InputError(
-            f"every {painted.axis_name} slice ({len(painted.indices)}) is painted: there is nothing left to propagate. "
-            "Paint a few slices only, or use the label map as it is."
+            f"every {painted.axis_name} slice ({len(painted.settled)}) is painted or checked empty: there is nothing "
+            "left to propagate. Paint a few slices only, or use the label map as it is."
         )
     window = window if isinstance(window, IntensityWindow) else IntensityWindow.parse(window)
     sam = model if isinstance(model, SamModel) else get_model(model, device)
@@ -135,8 +136,13 @@ def adapt_to_painted(
     label_stack = slice_stack(labels, painted.axis)
     support = Support(embeddings, painted.indices, label_stack[list(painted.indices)])
     settings = AdaptationSettings(iterations=iterations, seed=seed)
-    decoders, targets, losses = adapt([support], painted.label_values, settings, progress=progress, cancel=cancel,
-                                      initial=initial)
+    if initial is not None and _same_support(previous, painted, label_stack, settings):
+        # only slices checked empty changed (they do not train): the decoders stay as they are, so marking a
+        # slice empty re-propagates at once and changes nothing but what lies past that slice
+        decoders, targets, losses = previous.decoders, previous.targets, previous.losses
+    else:
+        decoders, targets, losses = adapt([support], painted.label_values, settings, progress=progress,
+                                          cancel=cancel, initial=initial)
     encode_seconds = embeddings.encode_seconds - encoded_before
     timings = {"load": loaded - started, "adapt": time.perf_counter() - loaded - encode_seconds,
                "encode": encode_seconds}
@@ -155,26 +161,27 @@ def propagate(
     method = _resolve_method(method)
     started, encoded_before = time.perf_counter(), adaptation.embeddings.encode_seconds
     embeddings, painted, label_stack = adaptation.embeddings, adaptation.painted, adaptation.label_stack
+    settled = painted.settled  # painted or checked empty: the result keeps them as the user left them
     embeddings.progress, embeddings.cancel = progress, cancel
     dtype = label_dtype(max(painted.label_values))
     seed_stack = None
     if method in ("seed", "seed-linked"):
-        unpainted = [i for i in range(embeddings.num_slices) if i not in set(painted.indices)]
+        unpainted = [i for i in range(embeddings.num_slices) if i not in set(settled)]
         probabilities = predict_probabilities(adaptation.decoders, adaptation.targets, embeddings, unpainted,
                                               progress=progress, cancel=cancel)
         predicted = np.zeros(label_stack.shape, dtype=dtype)
         predicted[unpainted] = probabilities_to_labels(probabilities)
-        seed_stack = result_stack = paste_painted(predicted, label_stack, painted.indices)
+        seed_stack = result_stack = paste_painted(predicted, label_stack, settled)
         if method == "seed-linked":
             linked = keep_components_linked_to_painted(seed_stack, label_stack, painted.indices)
-            result_stack = paste_painted(linked, label_stack, painted.indices)
+            result_stack = paste_painted(linked, label_stack, settled)
         confidence = None
     else:
         result_stack, walks, gaps = _fill_and_walk(adaptation, dtype, progress, cancel,
                                                    register=method != "fill-walk",
                                                    box_walk=method == "register-box-walk")
         confidence = [item for value in painted.label_values
-                      for item in label_confidence(result_stack, label_stack, painted.indices, value, walks[value],
+                      for item in label_confidence(result_stack, label_stack, settled, value, walks[value],
                                                    [gap for gap in gaps if gap.label == value])]
 
     def volume(stack: np.ndarray) -> np.ndarray:
@@ -212,6 +219,7 @@ def segment_volume(
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     previous: Adaptation | None = None,
+    empty_slices: Sequence[int] = (),
 ) -> SegmentationResult:
     """Adapt the decoders to the painted slices of ``labels`` and segment the whole of ``image``.
 
@@ -223,11 +231,15 @@ def segment_volume(
         method: "default" (the best measured method), or one of ``METHODS``.
         previous: ``SegmentationResult.adaptation`` of an earlier run on this volume, to re-propagate
             quickly after the user corrected or added slices (see ``adapt_to_painted``).
+        empty_slices: slices along the painted axis where the user checked that none of the labels is
+            present. They stay empty, and no walk beyond the painted range goes past them: the way to say
+            where a structure ends (a label map alone cannot, its unpainted slices are empty too). They do
+            not train the decoders.
     """
     _resolve_method(method)
     adaptation = adapt_to_painted(image, labels, model=model, device=device, axis=axis, cache_dir=cache_dir,
                                   seed=seed, window=window, iterations=iterations, progress=progress, cancel=cancel,
-                                  previous=previous)
+                                  previous=previous, empty_slices=empty_slices)
     return propagate(adaptation, method, label_names=label_names, progress=progress, cancel=cancel)
 
 
@@ -244,11 +256,12 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
     ``recognition_threshold``). With ``box_walk=False`` the decoder's
     own prediction walks instead (``spatial.walk_beyond_painted``): it stops early where the structure
     changes its look towards its ends (the aorta's).
-    Only the slices the walk reaches are encoded.
+    Only the slices the walk reaches are encoded. Slices the user checked empty stay empty, and walks stop there.
     """
     from .baselines import fill_between_slices
 
     painted, label_stack, embeddings = adaptation.painted, adaptation.label_stack, adaptation.embeddings
+    settled = list(painted.settled)
 
     def interpolated() -> np.ndarray:
         # on each label's bounding box, as Slicer runs it: the same Dice on the development data (18
@@ -257,12 +270,12 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
 
     gaps = []
     if register:
-        result, gaps = fill_between_by_registration(embeddings.slices, label_stack, painted.indices, interpolated,
+        result, gaps = fill_between_by_registration(embeddings.slices, label_stack, settled, interpolated,
                                                  progress=progress, cancel=cancel)
         result = result.astype(dtype)
     else:
         result = interpolated()
-    result[list(painted.indices)] = label_stack[list(painted.indices)]
+    result[settled] = label_stack[settled]
     rows_mm, cols_mm = embeddings.transform.pixel_spacing
     slice_mm = float(np.asarray(embeddings.volume.spacing)[::-1][painted.axis])
     # beyond its painted range a structure tapers: let its boundary move at most one slice spacing per slice
@@ -287,11 +300,11 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
             def threshold(value=value, probability=probability) -> float:
                 return recognition_threshold(result, label_stack, painted.indices, value, probability)
 
-            walks[value] = prompt_walk_beyond_painted(session, result, label_stack, painted.indices, value,
+            walks[value] = prompt_walk_beyond_painted(session, result, label_stack, settled, value,
                                                       probability, min_recognised=threshold,
                                                       seed=adaptation.settings.seed, cancel=cancel)
         else:
-            walks[value] = walk_beyond_painted(result, label_stack, painted.indices, value, probability, radius)
+            walks[value] = walk_beyond_painted(result, label_stack, settled, value, probability, radius)
     return result, walks, gaps
 
 
@@ -417,6 +430,15 @@ def adapt(
                                                       initial=(initial or {}).get(value))
         losses.extend(label_losses)
     return decoders, targets, losses
+
+
+def _same_support(previous: Adaptation, painted: PaintedSlices, label_stack: np.ndarray,
+                  settings: AdaptationSettings) -> bool:
+    """The same labelled slices with the same labels, trained with the same settings."""
+    indices = list(painted.indices)
+    return (previous.painted.indices == painted.indices and previous.painted.label_values == painted.label_values
+            and previous.settings == settings and previous.label_stack.shape == label_stack.shape
+            and np.array_equal(previous.label_stack[indices], label_stack[indices]))
 
 
 def _resolve_method(method: str) -> str:

@@ -27,9 +27,9 @@ def test_segment_writes_a_label_map_in_the_image_geometry(tmp_path, cache_dir, c
     report = tmp_path / "report.json"
     code, out, err = run("segment", SAMPLE_CT, SAMPLE_PAINTED, "-o", output, "--cache-dir", cache_dir,
                          "--device", "cpu", "--iterations", "1", "--save-model", model, "--report", report,
-                         "--quiet", capsys=capsys)
+                         "--empty-slices", "47", "--quiet", capsys=capsys)
     assert code == 0, err
-    assert "5 painted axial slices" in out and "10, 18, 27, 35, 43" in out
+    assert "5 painted axial slices" in out and "10, 18, 27, 35, 43" in out and "checked empty: 47" in out
     written = json.loads(report.read_text())
     assert written["axis"] == "axial"
     assert written["suggested_slice"] not in PAINTED_SLICES and f"paint slice {written['suggested_slice']} next" in out
@@ -44,6 +44,7 @@ def test_segment_writes_a_label_map_in_the_image_geometry(tmp_path, cache_dir, c
     array = sitk.GetArrayFromImage(labels)
     for index in PAINTED_SLICES:
         np.testing.assert_array_equal(array[index], sample_painted[index])
+    assert array[46].any() and not array[47].any()  # the liver goes on to 47, but the user checked it empty
 
     applied = tmp_path / "applied.nii.gz"
     code, out, err = run("apply", model, SAMPLE_CT, "-o", applied, "--cache-dir", cache_dir, "--quiet",
@@ -73,6 +74,8 @@ def test_train_on_several_volumes(tmp_path, cache_dir, capsys):
         ("nan_image", "NaN"),
         ("bad_checkpoint", "not a readable PyTorch weights file"),
         ("overwrite", "is one of the inputs"),
+        ("empty_slice_painted", "marked empty but holds painted labels"),
+        ("empty_slice_text", "give slice indices as whole numbers"),
     ],
 )
 def test_bad_input_fails_with_one_clear_line(tmp_path, cache_dir, capsys, make, message, sample_image):
@@ -112,9 +115,14 @@ def test_bad_input_fails_with_one_clear_line(tmp_path, cache_dir, capsys, make, 
         labels = tmp_path / "l.nii.gz"
         shutil.copy(SAMPLE_PAINTED, labels)
         output = labels
+    extra = []
+    if make == "empty_slice_painted":
+        extra = ["--empty-slices", "46", "--empty-slices", "2,10"]
+    elif make == "empty_slice_text":
+        extra = ["--empty-slices", "last"]
     before = labels.read_bytes() if hasattr(labels, "read_bytes") else None
     code, out, err = run("segment", image, labels, "-o", output, "--model", model, "--cache-dir", cache_dir,
-                         "--iterations", "1", "--quiet", capsys=capsys)
+                         "--iterations", "1", "--quiet", *extra, capsys=capsys)
     assert code == 1
     assert err.startswith("samfewshot: error: ") and message in err, err
     assert err.count("\n") == 1 and "Traceback" not in err

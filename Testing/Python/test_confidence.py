@@ -205,3 +205,20 @@ def test_low_confidence_slices_of_the_sample_are_the_worse_ones(sample_result, s
     suggestion = sample_result.suggested_slice
     assert suggestion is not None and suggestion not in PAINTED_SLICES
     assert lowest[suggestion] < np.median(list(lowest.values()))
+
+
+def test_a_slice_checked_empty_ends_the_doubt_and_the_suggestion_stays_before_it():
+    # the same uncertain end as above, but the user checked slice 27 and found nothing there: the structure's
+    # end lies between the walk's end and that slice, so no doubt goes past it
+    painted = stacks({2: 8, 22: 8}, count=60)
+    result = painted.copy()
+    for index in range(3, 22):
+        result[index] = disc(8)
+    result[23] = disc(8)
+    walk = WalkReport(steps=[WalkStep(23, 0.4, 0.95)], stops={-1: (1, "empty"), +1: (24, "spread")})
+    confidence = {c.index: c for c in label_confidence(result, painted, [2, 22, 27], 1, walk)}
+    assert confidence[27].kind == "painted" and confidence[27].confidence == 1.0
+    assert confidence[24].kind == "end" and confidence[24].confidence < 0.5
+    assert all(confidence[index].kind == "outside" and confidence[index].confidence == 1.0
+               for index in range(28, 40))
+    assert 24 <= suggest_slice(list(confidence.values())) <= 26

@@ -94,3 +94,23 @@ def test_two_axes_with_a_split_structure_are_refused():
 def test_spread_slices_of_a_split_structure_are_found():
     mask = ball(radius=6, centre=(20, 20, 10)) | ball(radius=6, centre=(20, 20, 30))
     assert find_painted_slices(paint(mask, 0, [15, 18, 21, 24]), SPACING, LPS_IDENTITY).axis == 0
+
+
+def test_slices_checked_empty_are_kept_apart_from_the_painted_ones():
+    painted = paint(ball(), 0, [14, 20, 26])
+    found = find_painted_slices(painted, SPACING, LPS_IDENTITY, empty_slices=[39, 5, 5])
+    assert found.indices == (14, 20, 26) and found.empty == (5, 39)
+    assert found.settled == (5, 14, 20, 26, 39)
+    assert "checked empty: 5, 39" in found.describe()
+
+
+@pytest.mark.parametrize(("empty", "message"), [
+    ([40], "outside the volume: it has 40"),
+    ([-1], "outside the volume"),
+    ([20], "marked empty but holds painted labels"),
+    (["3"], "not a slice index"),
+])
+def test_a_wrong_empty_slice_is_refused_with_what_to_do(empty, message):
+    painted = paint(ball(), 0, [14, 20, 26])
+    with pytest.raises(InputError, match=message):
+        find_painted_slices(painted, SPACING, LPS_IDENTITY, empty_slices=empty)

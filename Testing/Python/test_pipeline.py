@@ -181,6 +181,22 @@ def test_repropagation_after_painting_one_more_slice_continues_from_the_previous
 
 
 
+def test_a_slice_checked_empty_stops_the_walk_there_and_changes_nothing_before_it(
+        sample_result, sample_image, sample_painted, sample_reference, model, cache_dir):
+    # the liver goes on to slice 47 and the walk from slice 43 follows it; the user says "nothing here" on 45
+    assert (sample_result.labels[44:48] == 1).any(axis=(1, 2)).all()
+    previous = sample_result.adaptation
+    result = segment_volume(sample_image, sample_painted, model=model, cache_dir=cache_dir, previous=previous,
+                            empty_slices=[45])
+    assert result.painted.indices == PAINTED_SLICES and result.painted.empty == (45,)
+    assert result.adaptation.decoders is previous.decoders  # nothing new to learn from: no retraining
+    assert not result.labels[45:].any()  # the checked slice stays empty and nothing is found past it
+    np.testing.assert_array_equal(result.labels[:45], sample_result.labels[:45])
+    by_slice = {(c.index, c.label): c for c in result.confidence}
+    assert by_slice[(45, 1)].kind == "painted" and by_slice[(46, 1)].confidence == 1.0
+    assert result.suggested_slice not in (45, 46, 47)
+
+
 def test_cancel_while_adapting_stops_there_and_leaves_the_cache_complete(sample_image, sample_painted, model,
                                                                          cache_dir):
     import os
