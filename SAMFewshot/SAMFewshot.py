@@ -199,6 +199,7 @@ class SAMFewshotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._review = None  # guidance.Review of the last propagation: slices to check, slice to paint next
         self._reviewItems = []
         self._suggestedItem = None
+        self._shownItem = None  # the review item the slice views were last moved to ("Nothing here" acts on it)
 
     def resourcePath(self, filename):
         return _resourcePath(filename)
@@ -236,6 +237,8 @@ class SAMFewshotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applySavedModelsButton.connect("clicked(bool)", self.onApplySavedModels)
         self.ui.reviewSlicesListWidget.connect("itemClicked(QListWidgetItem*)", self.onReviewSliceClicked)
         self.ui.suggestedSliceButton.connect("clicked(bool)", self.onGoToSuggestedSlice)
+        self.ui.nothingHereButton.connect("clicked(bool)", self.onNothingHere)
+        self.ui.forgetEmptyButton.connect("clicked(bool)", self.onForgetEmpty)
         self.ui.runProgressBar.hide()
         self.ui.cancelRunButton.hide()
         self.setupClickToSegment()
@@ -546,7 +549,10 @@ class SAMFewshotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.uncertainEndsLabel.visible = bool(ends)
         self.ui.suggestedSliceButton.text = guidance.suggestion_text(self._suggestedItem)
         self.ui.suggestedSliceButton.enabled = self._suggestedItem is not None
-        for widget in (self.ui.reviewSlicesLabel, listWidget, self.ui.suggestedSliceButton):
+        self._shownItem = None
+        self.ui.nothingHereButton.enabled = False
+        for widget in (self.ui.reviewSlicesLabel, listWidget, self.ui.suggestedSliceButton, self.ui.nothingHereButton,
+                       self.ui.forgetEmptyButton):
             widget.visible = review is not None
 
     def onReviewSliceClicked(self, listItem):
@@ -565,7 +571,31 @@ class SAMFewshotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = str(error)
             return
         slicer.modules.markups.logic().JumpSlicesToLocation(r, a, s, True)
+        self._shownItem = item
+        self.ui.nothingHereButton.enabled = True
+        self.ui.nothingHereButton.toolTip = _("{segment} is not on slice {index}: keep the next result empty there "
+                                              "and stop there").format(segment=item.segment_name, index=item.index)
         self.ui.statusLabel.text = _("Showing {slice}.").format(slice=item.text)
+
+    def onNothingHere(self):
+        item, node = self._shownItem, self._parameterNode
+        if item is None or node is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("The slice could not be marked."), waitCursor=True):
+            self.logic.workflow.mark_empty(node.inputVolume, node.segmentation, item.segment_id, item.axis,
+                                           item.index)
+            self.ui.nothingHereButton.enabled = False
+            self.ui.statusLabel.text = _("No {segment} on slice {index}: click Propagate to update the result."
+                                         ).format(segment=item.segment_name, index=item.index)
+            self.updateSegmentsList()
+
+    def onForgetEmpty(self):
+        node = self._parameterNode
+        if node is None:
+            return
+        count = self.logic.workflow.clear_empty(node.segmentation, self._selectedSegmentIds())
+        self.ui.statusLabel.text = _("Forgot {count} \"Nothing here\" slices.").format(count=count)
+        self.updateSegmentsList()
 
     # ------------------------------------------------------------------ click to segment
 

@@ -58,6 +58,7 @@ class SegmentTask:
     axis_name: str
     indices: tuple[int, ...]
     labels: np.ndarray  # (K, J, I) uint8, non-zero only on ``indices``
+    empty: tuple[int, ...] = ()  # slices checked and found without the segment, along ``axis``
 
 
 @dataclass
@@ -241,12 +242,15 @@ def _propagate(request, image, reorientation, report, cancel):
     for number, task in enumerate(request.tasks, start=1):
         _check_cancel(cancel)
         prefix = f"{task.name} ({number} of {len(request.tasks)}): " if len(request.tasks) > 1 else f"{task.name}: "
+        canonical_axis = reorientation.axis_to_canonical(task.axis)
+        to_node = node_slice_indices(reorientation, canonical_axis, task.labels.shape)
         result = segment_volume(
             image,
             reorientation.to_canonical(task.labels),
             model=options.model,
             device=options.device,
-            axis=reorientation.axis_to_canonical(task.axis),
+            axis=canonical_axis,
+            empty_slices=[int(np.flatnonzero(to_node == i)[0]) for i in task.empty],
             cache_dir=options.cache_dir,
             seed=options.seed,
             iterations=options.iterations,

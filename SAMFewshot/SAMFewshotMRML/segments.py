@@ -136,6 +136,7 @@ class PaintedSegment:
     indices: tuple[int, ...] = ()
     problem: str = ""  # why the segment cannot be propagated; empty when it can
     edited_after_apply: bool = False
+    empty: tuple[int, ...] = ()  # slices checked and found without the segment ("Nothing here"), same axis
 
     @property
     def ready(self) -> bool:
@@ -150,6 +151,8 @@ class PaintedSegment:
         text = f"{self.name}: {count} {self.axis_name} slice{'s' if count != 1 else ''}: {slices}"
         if self.edited_after_apply:
             text += " (painted slices and slices edited after Apply)"
+        if self.empty:
+            text += f"; nothing on {', '.join(str(i) for i in self.empty)}"
         return text
 
 

@@ -13,6 +13,8 @@ Rules the user can rely on:
   Apply, since restoring would throw those edits away.
 - **Correct and re-propagate.** After Apply, the slices painted before plus every slice edited since are the
   support of the next run of that segment; before Apply, the painted slices are simply read again.
+- **"Nothing here".** A slice the user checked and found without the segment (``mark_empty``, or a slice
+  erased after Apply) stays empty in the next result, and propagation does not go past it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 import slicer
 
 from .geometry import geometry_from_matrix, ijk_to_world, volume_from_node
+from . import empty_slices
 from .jobs import Job
 from .propagation import Options, Outcome, Request, SegmentResult, SegmentTask, run, safe_file_name
 from .segments import (
@@ -173,6 +176,11 @@ class Workflow:
                 painted.axis, painted.axis_name, painted.indices, painted.problem = painted_slices_of(
                     mask, spacing, direction, axis)
                 labels = mask
+            if painted.axis is not None:
+                marked = empty_slices.indices(segmentation_node, segment_id, volume_node, painted.axis,
+                                              painted.axis_name)
+                # a slice painted after it was marked holds the segment after all: the painting wins
+                painted.empty = tuple(sorted((set(marked) | set(painted.empty)) - set(painted.indices)))
             out.append((painted, labels))
         return out
 
@@ -185,7 +193,9 @@ class Workflow:
         if kept < 0.5 * max(1, np.count_nonzero(record.mask)):
             return None  # most of the applied result is gone (e.g. undone in the Segment Editor): read afresh
         changed = {int(i) for i in occupied_slices(record.mask != mask, record.axis)}
-        indices = tuple(sorted(set(record.indices) | changed))
+        # a slice erased after Apply: the user looked and found nothing there
+        erased = {i for i in changed if not np.take(mask, i, axis=record.axis).any()}
+        indices = tuple(sorted((set(record.indices) | changed) - erased))
         labels = np.zeros_like(mask)
         index = [slice(None)] * 3
         index[record.axis] = list(indices)
@@ -193,7 +203,7 @@ class Workflow:
         from SAMFewshotLib.painted_slices import anatomical_name
 
         _, _, direction = geometry_from_matrix(ijk_to_world(volume_node))
-        painted.axis, painted.indices = record.axis, indices
+        painted.axis, painted.indices, painted.empty = record.axis, indices, tuple(sorted(erased))
         painted.axis_name = anatomical_name(np.asarray(direction).reshape(3, 3), record.axis)
         painted.edited_after_apply = bool(changed)
         if len(indices) == mask.shape[record.axis]:
@@ -216,8 +226,36 @@ class Workflow:
             problems = "; ".join(p.describe() for p, _ in supports) or "the segmentation has no segments"
             raise _error(f"Nothing to propagate ({problems}). Paint a structure on a few slices first.")
         tasks = [SegmentTask(p.segment_id, p.name, p.color, p.axis, p.axis_name, p.indices,
-                             np.ascontiguousarray(labels, dtype=np.uint8)) for p, labels in ready]
+                             np.ascontiguousarray(labels, dtype=np.uint8), p.empty) for p, labels in ready]
         return Request(volume_node.GetID(), segmentation_node.GetID(), image, options, tasks)
+
+    def mark_empty(self, volume_node, segmentation_node, segment_id: str, axis: int, index: int) -> None:
+        """Record that the segment is absent from slice ``index`` along numpy ``axis`` of the volume node (the
+        user looked there: "Nothing here"); the next propagation keeps that slice empty and stops there.
+        Raises InputError when the segment has voxels on that slice (erasing them says the same)."""
+        if volume_node is None or segmentation_node is None:
+            raise _error("Choose the volume and the segmentation first.")
+        segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+        if segment is None:
+            raise _error("That segment was removed; propagate again.")
+        mask = read_segment_mask(segmentation_node, segment_id, volume_node)
+        if not 0 <= index < mask.shape[axis]:
+            raise _error(f"Slice {index} is outside the volume (0 to {mask.shape[axis] - 1}).")
+        if np.take(mask, index, axis=axis).any():
+            raise _error(f"{segment.GetName()} has voxels on slice {index}: erase them in the Segment Editor "
+                         "if it is not there, or leave the slice as it is.")
+        from SAMFewshotLib.painted_slices import anatomical_name
+
+        _, _, direction = geometry_from_matrix(ijk_to_world(volume_node))
+        empty_slices.mark(segmentation_node, segment_id, volume_node, axis,
+                          anatomical_name(np.asarray(direction).reshape(3, 3), axis), index)
+
+    def clear_empty(self, segmentation_node, segment_ids_to_clear) -> int:
+        """Forget the "Nothing here" slices of these segments; returns how many were forgotten."""
+        if segmentation_node is None:
+            return 0
+        return sum(empty_slices.clear(segmentation_node, segment_id) for segment_id in segment_ids_to_clear
+                   if segmentation_node.GetSegmentation().GetSegment(segment_id) is not None)
 
     def prepare_saved_models(self, volume_node, segmentation_node, paths, options: Options | None = None) -> Request:
         """Copy what applying saved adapted models needs (main thread)."""

@@ -347,3 +347,33 @@ def test_flipped_volume_under_a_transform_gets_advice_on_the_same_anatomical_sli
     plain_ijk = np.round(guidance.world_to_ijk_point(plain["volume"], plain_review.position(
         plain["context"].scene, plain_item))).astype(int)
     assert arrays["ct"][::-1][ijk[2], ijk[1], ijk[0]] == arrays["ct"][plain_ijk[2], plain_ijk[1], plain_ijk[0]]
+
+
+def test_nothing_here_marks_the_same_anatomical_slice_of_a_flipped_volume_under_a_transform(arrays):
+    import SAMFewshotLib.pipeline as pipeline
+
+    context = h.new_scene()
+    volume, _ = _flipped_volume(context, arrays["ct"])
+    segmentation, ids = _painted_segmentation(context.scene, volume, np.ascontiguousarray(arrays["painted"][::-1]))
+    n_k = arrays["ct"].shape[0]
+    workflow = Workflow(context.scene)
+    workflow.mark_empty(volume, segmentation, ids[h.LIVER], 0, n_k - 1 - 45)  # the plain volume's slice 45
+    (painted,) = workflow.painted_segments(volume, segmentation)
+    assert painted.empty == (n_k - 1 - 45,)
+    tag = vtk.reference("")
+    assert segmentation.GetSegmentation().GetSegment(ids[h.LIVER]).GetTag("SAMFewshot.CheckedEmpty", tag)
+    assert str(tag).startswith("axial:")
+    seen = {}
+
+    class Seen(Exception):
+        pass
+
+    def capture(image, labels, **kwargs):
+        seen.update(kwargs)
+        raise Seen
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "segment_volume", capture)
+        with pytest.raises(Seen):
+            workflow.run_now(workflow.prepare(volume, segmentation, options=Options(**OPTIONS)))
+    assert seen["empty_slices"] == [45]  # what the model sees is the plain volume's order

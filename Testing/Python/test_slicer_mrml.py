@@ -456,6 +456,40 @@ def test_painted_slices_after_apply_include_slices_edited_later(arrays, propagat
     assert np.array_equal(labels[22], fix[22]) and not labels[[k for k in UNPAINTED if k != 22]].any()
 
 
+def test_nothing_here_keeps_the_slice_empty_and_the_propagation_stops_there(arrays, propagated):
+    from SAMFewshotLib.errors import InputError
+
+    before = propagated["outcome"].segments[0].mask
+    assert before[45:].any(axis=(1, 2)).all()  # the liver goes on to the last slice, and the result follows it
+    context, volume, segmentation, liver, _ = painted_scene(arrays)
+    workflow = Workflow(context.scene)
+    workflow.mark_empty(volume, segmentation, liver, 0, 45)  # the user looked at slice 45: "Nothing here"
+    workflow.mark_empty(volume, segmentation, liver, 0, 45)  # twice is once
+    (painted,) = workflow.painted_segments(volume, segmentation)
+    assert painted.empty == (45,) and painted.describe().endswith("; nothing on 45")
+    with pytest.raises(InputError, match="has voxels on slice 10"):
+        workflow.mark_empty(volume, segmentation, liver, 0, 10)
+    request = workflow.prepare(volume, segmentation, options=Options(**OPTIONS))
+    assert request.tasks[0].empty == (45,) and request.tasks[0].indices == h.PAINTED_LIVER_SLICES
+    after = workflow.run_now(request).segments[0].mask
+    assert not after[45:].any()
+    assert h.dice(after[:45], before[:45]) >= 0.98  # nothing else changes
+    assert workflow.clear_empty(segmentation, [liver]) == 1
+    assert workflow.painted_segments(volume, segmentation)[0].empty == ()
+
+
+def test_a_slice_erased_after_apply_counts_as_nothing_here(arrays, propagated):
+    context, volume, segmentation, liver, workflow, _ = fresh_preview(arrays, propagated)
+    workflow.apply()
+    mask = segments.read_segment_mask(segmentation, liver, volume)
+    assert mask[46].any()
+    mask[46] = 0  # the user erased a slice the result got wrong
+    segments.write_segment_mask(segmentation, liver, mask, volume)
+    (painted,) = workflow.painted_segments(volume, segmentation)
+    assert painted.empty == (46,) and painted.indices == h.PAINTED_LIVER_SLICES
+    assert workflow.prepare(volume, segmentation).tasks[0].empty == (46,)
+
+
 # ---------------------------------------------------------------------------------------------- orientation
 
 
