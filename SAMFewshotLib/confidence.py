@@ -11,7 +11,10 @@ differs by where a slice lies:
 - beyond the painted range, the walk is as good as the decoder is sure (its mean foreground probability
   over what was written) and as the shape is continuous (overlap with the previous slice). A decoder adapted
   from a few slices gives a structure it outlines well probabilities well under 1 (0.3 to 0.5 on a kidney
-  walked at Dice 0.95), so the probability is taken as it is, not as a coin flip around 0.5;
+  walked at Dice 0.95), so the probability is taken as it is, not as a coin flip around 0.5. That ranks the
+  walked slices among themselves; for how much of a walked slice is likely wrong (what the suggestion
+  weighs), a probability of 0.5 or more counts as sure: with the raw probability, runs of correct walked
+  slices outweighed gaps with more real error;
 - at the end of a walk, the structure's extent is uncertain unless the walk stopped because it saw the
   structure end there; the structure may go on for a few slices, less likely the farther
   past the end, so the doubt fades over the slices beyond it;
@@ -55,6 +58,9 @@ END_DOUBT_FLOOR = 0.05
 # suggestion lets the doubt fade over a quarter of the painted span (with two slices painted at a structure's
 # quartiles, half of what lies beyond each).
 SUGGESTION_DOUBT_REACH = 0.25
+# A walked slice whose decoder probability is at least 1 / WALK_SURE_FACTOR counts as right when weighing what
+# painting it could fix (see the module docstring).
+WALK_SURE_FACTOR = 2.0
 # A structure rarely stops at a full cross-section: an end as large as the largest painted cross-section
 # is doubtful whatever the decoder saw (it may just not recognise the structure there), up to this chance.
 END_DOUBT_FULL = 0.9
@@ -127,7 +133,7 @@ def label_confidence(
         mask = masks[index]
         area = int(mask.sum())
         at_stake = area
-        fixable = None  # past an uncertain end: the part of the doubt that painting the slice would settle
+        fixable = None  # walked, or past an uncertain end: the share of the area at stake painting would fix
         # ``certainty``: how sure the shape is; the boundary factor then lowers the confidence of small
         # cross-sections, but painting a slice cannot fix that, so the expected error uses certainty alone
         if index in painted_set:
@@ -145,7 +151,9 @@ def label_confidence(
         elif index in steps:
             step = steps[index]
             kind = "walked"
-            certainty = float(np.clip(step.mean_probability, 0.0, 1.0)) * step.overlap
+            probability = float(np.clip(step.mean_probability, 0.0, 1.0))
+            certainty = probability * step.overlap
+            fixable = 1.0 - min(1.0, WALK_SURE_FACTOR * probability) * step.overlap
             inward = index + (1 if index < with_value[0] else -1)
             at_stake = max(area, int(masks[inward].sum()))
         elif index in beyond_end:

@@ -5,7 +5,8 @@ For each structure, start from 2 painted slices (the data README's spread rule w
 the default method, then add one painted slice at a time (the reference mask on that slice) and propagate
 again, up to ``--max-k`` slices, with three ways of choosing the next slice:
 
-- ``suggested``: the slice SAMFewshot suggests (``SegmentationResult.suggested_slice``);
+- ``suggested``: the slice SAMFewshot suggests (``SegmentationResult.suggested_slice``); where the reference
+  has nothing there, the clinician marks it "nothing here" (``empty_slices``), which counts as a painted slice;
 - ``random``: a random unpainted slice where the structure is (the clinician knows roughly where it is);
 - ``even``: no choosing: for each k, the k slices of the spread rule (what within_volume.py measures).
 
@@ -59,7 +60,7 @@ def confidence_rank(result, ref: np.ndarray, axis: int) -> float:
 
     confidence = per_slice(result.confidence)
     pred = result.labels > 0
-    painted = set(result.painted.indices)
+    painted = set(result.painted.settled)
     stack_p, stack_r = np.moveaxis(pred, axis, 0), np.moveaxis(ref, axis, 0)
     keep = [i for i in range(stack_r.shape[0])
             if i not in painted and (stack_p[i].any() or stack_r[i].any())]
@@ -89,14 +90,17 @@ def simulate(case, structure: str, strategy: str, args, model) -> list[dict]:
         if strategy == "even":
             painted = list(spread_painted_slices(ref, k, axis))
         started = time.perf_counter()
-        result = segment_volume(image, paint(ref.astype(np.uint8), painted, axis), model=model, axis=axis,
-                                cache_dir=args.cache_dir, previous=previous)
+        empty = [i for i in painted if i not in occupied]  # checked, and nothing there
+        labelled = [i for i in painted if i in occupied]
+        result = segment_volume(image, paint(ref.astype(np.uint8), labelled, axis), model=model, axis=axis,
+                                cache_dir=args.cache_dir, previous=previous, empty_slices=empty)
         seconds = time.perf_counter() - started
         previous = result.adaptation
         scores = score(result.labels > 0, ref, spacing, axis, sorted(painted))
         rank = confidence_rank(result, ref, axis) if strategy == "suggested" else float("nan")
         rows.append({"case": case.id, "structure": structure, "strategy": strategy, "k": k,
-                     "painted": " ".join(map(str, sorted(painted))), "dice": scores["dice"],
+                     "painted": " ".join(map(str, sorted(painted))), "checked_empty": len(empty),
+                     "dice": scores["dice"],
                      "spearman": rank, "suggested": result.suggested_slice, "seconds": seconds})
         print(f"{case.id} {structure} {strategy} k={k} dice={scores['dice']:.3f} rho={rank:.2f} "
               f"next={result.suggested_slice} ({seconds:.1f} s)", file=sys.stderr, flush=True)
@@ -222,7 +226,8 @@ def main(argv=None) -> int:
                 new = simulate(case, structure, strategy, args, model)
                 write_header = not csv_path.exists()
                 with open(csv_path, "a", newline="") as handle:
-                    writer = csv.DictWriter(handle, fieldnames=list(new[0]))
+                    fields = list(rows[0]) if rows else list(new[0])
+                    writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore", restval="")
                     if write_header:
                         writer.writeheader()
                     writer.writerows(new)
