@@ -28,9 +28,13 @@ from skimage.transform import resize
 
 from .errors import Cancelled
 
-# Demons settings, in pixels of the slice; fixed on the development data, not per structure.
+# Demons settings, in pixels of the slice; fixed on the development data, not per structure. A smoothing of
+# 1.0 (was 1.5) lets the field follow boundaries that bend within a few pixels (sacrum, hip, vertebrae): Dice
+# between painted slices at k = 3 / 5 went from 0.857 / 0.910 to 0.861 / 0.912 on the 12 development CT
+# structures and 6 MRI cases, and from 0.754 / 0.849 to 0.769 / 0.855 on the 13 other CT structures
+# (0.75 was better on the latter, worse on the former; 0.5 worse on both).
 DEMONS_ITERATIONS = 50
-DEMONS_SMOOTHING = 1.5
+DEMONS_SMOOTHING = 1.0
 # the registration sees the bracketing masks' bounding box plus this many pixels around it, shrunk to at most
 # MAX_SIDE pixels a side (a 512 x 512 CT's liver then costs what the development CT's 3 mm slices cost)
 CROP_MARGIN = 10
