@@ -140,16 +140,22 @@ def test_a_long_unsure_walk_is_checked_halfway_along():
     assert 11 <= suggestion <= 18  # inside the walk, not at its first or last slice
 
 
-def test_past_an_uncertain_end_the_doubt_lasts_but_the_suggestion_stays_near_the_end():
-    # painted over 20 slices, the walk above stopped because the mask spread, at a full cross-section: the
-    # structure may go on for many slices, so they must not look as sure as the interpolated ones; but what
-    # is worth painting is the slice just past the end, where the structure most likely still is
+def walk_ending_in_doubt():
+    """Painted on slices 2 and 22 of 60; the walk above went one slice and stopped, at a full cross-section,
+    because the mask spread: the structure may go on for many slices."""
     painted = stacks({2: 8, 22: 8}, count=60)
     result = painted.copy()
     for index in range(3, 22):
         result[index] = disc(8)
     result[23] = disc(8)
     walk = WalkReport(steps=[WalkStep(23, 0.4, 0.95)], stops={-1: (1, "empty"), +1: (24, "spread")})
+    return painted, result, walk
+
+
+def test_past_an_uncertain_end_the_doubt_lasts_but_the_suggestion_stays_near_the_end():
+    # the slices past the end must not look as sure as the interpolated ones; but what is worth painting is
+    # the slice just past the end, where the structure most likely still is
+    painted, result, walk = walk_ending_in_doubt()
     confidence = {c.index: c for c in label_confidence(result, painted, [2, 22], 1, walk)}
     interpolated = confidence[12].confidence
     assert all(confidence[index].confidence < interpolated for index in range(24, 34))
@@ -217,14 +223,9 @@ def test_low_confidence_slices_of_the_sample_are_the_worse_ones(sample_result, s
 
 
 def test_a_slice_checked_empty_ends_the_doubt_and_the_suggestion_stays_before_it():
-    # the same uncertain end as above, but the user checked slice 27 and found nothing there: the structure's
-    # end lies between the walk's end and that slice, so no doubt goes past it
-    painted = stacks({2: 8, 22: 8}, count=60)
-    result = painted.copy()
-    for index in range(3, 22):
-        result[index] = disc(8)
-    result[23] = disc(8)
-    walk = WalkReport(steps=[WalkStep(23, 0.4, 0.95)], stops={-1: (1, "empty"), +1: (24, "spread")})
+    # the same uncertain end, but the user checked slice 27 and found nothing there: the structure's end lies
+    # between the walk's end and that slice, so no doubt goes past it
+    painted, result, walk = walk_ending_in_doubt()
     confidence = {c.index: c for c in label_confidence(result, painted, [2, 22, 27], 1, walk)}
     assert confidence[27].kind == "painted" and confidence[27].confidence == 1.0
     assert confidence[24].kind == "end" and confidence[24].confidence < 0.5
