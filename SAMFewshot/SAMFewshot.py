@@ -582,8 +582,9 @@ class SAMFewshotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if item is None or node is None:
             return
         with slicer.util.tryWithErrorDisplay(_("The slice could not be marked."), waitCursor=True):
-            self.logic.workflow.mark_empty(node.inputVolume, node.segmentation, item.segment_id, item.axis,
-                                           item.index)
+            # the slice index is on the volume the review was computed on, which may no longer be the one chosen
+            volume = self._review.volume_node(slicer.mrmlScene) if self._review else None
+            self.logic.workflow.mark_empty(volume, node.segmentation, item.segment_id, item.axis, item.index)
             self.ui.nothingHereButton.enabled = False
             self.ui.statusLabel.text = _("No {segment} on slice {index}: click Propagate to update the result."
                                          ).format(segment=item.segment_name, index=item.index)
