@@ -166,7 +166,7 @@ def propagate(
     dtype = label_dtype(max(painted.label_values))
     seed_stack = None
     if method in ("seed", "seed-linked"):
-        unpainted = [i for i in range(embeddings.num_slices) if i not in set(settled)]
+        unpainted = sorted(set(range(embeddings.num_slices)) - set(settled))
         probabilities = predict_probabilities(adaptation.decoders, adaptation.targets, embeddings, unpainted,
                                               progress=progress, cancel=cancel)
         predicted = np.zeros(label_stack.shape, dtype=dtype)

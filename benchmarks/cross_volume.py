@@ -32,10 +32,7 @@ for path in (REPO, REPO / "benchmarks"):
 
 from within_volume import CT_DATASETS, find_cases, machine_text, paint  # noqa: E402
 
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+from SAMFewshotLib.metrics import dice  # noqa: E402
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
