@@ -10,6 +10,11 @@ nearer one. On the 12 development CT structures this lifts the Dice of the slice
 0.86 to 0.91 at k = 5, and on the 13 other CT structures of that volume, never used to choose the settings,
 from 0.79 to 0.85 (benchmarks/between_painted.py, docs/benchmarks.md).
 
+The weights also favour the chain that reproduces the painted mask at the far end of the gap better (its
+``reach``): a chain that drifted off the structure on the way counts less. Between painted slices that took
+the 12 development CT structures and 6 MRI cases from 0.861 to 0.864 at k = 3 (0.912 at k = 5, unchanged), and
+the 13 other CT structures from 0.769 to 0.774 (0.855 -> 0.856 at k = 5).
+
 Registration can also lose the structure (thin, winding or repetitive ones: colon, pancreas). Each chain is
 run on to the painted slice at the other end of the gap, where the truth is known: if the two chains
 reproduce those painted masks less than half right, and no better than copying one painted mask onto the
@@ -145,15 +150,18 @@ def fill_gap(intensities: np.ndarray, below_mask: np.ndarray, above_mask: np.nda
             return distance > 0
         return resize(distance, crop_shape, order=1, preserve_range=True, anti_aliasing=False) > 0
 
-    reach = 0.5 * (_dice(on_crop(up[above - below]), above_mask[window])
-                   + _dice(on_crop(down[0]), below_mask[window]))
+    reach_up = _dice(on_crop(up[above - below]), above_mask[window])
+    reach_down = _dice(on_crop(down[0]), below_mask[window])
     masks = {}
     for index in range(below + 1, above):
-        weight = (index - below) / (above - below)
+        # nearer chain weighs more, and so does the chain that kept hold of the structure better over the gap
+        along = (index - below) / (above - below)
+        from_below, from_above = (1.0 - along) * max(reach_up, 1e-3), along * max(reach_down, 1e-3)
+        weight = from_above / (from_below + from_above)
         mask = np.zeros(below_mask.shape, bool)
         mask[window] = on_crop((1.0 - weight) * up[index - below] + weight * down[index - below])
         masks[index] = mask
-    return masks, reach
+    return masks, 0.5 * (reach_up + reach_down)
 
 
 def fill_between_by_registration(
