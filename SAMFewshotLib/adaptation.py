@@ -69,6 +69,20 @@ def target_embeddings(embeddings: torch.Tensor, mask_fractions: torch.Tensor) ->
     return summed / weights.flatten(1).sum(1, keepdim=True)
 
 
+def resemblance(embeddings: torch.Tensor, mask_fractions: torch.Tensor, prototype: torch.Tensor) -> float:
+    """Cosine similarity of the mean embedding inside a mask to ``prototype`` (-1 for an empty mask).
+
+    Args:
+        embeddings: (1, 256, 64, 64) one slice's encoder embeddings.
+        mask_fractions: (1, 64, 64) the mask on the embedding grid, as for ``target_embeddings``.
+        prototype: (256,) e.g. the mean of a label's target embeddings.
+    """
+    pooled = target_embeddings(embeddings.float(), mask_fractions.to(embeddings.device))
+    if pooled.shape[0] == 0:
+        return -1.0
+    return float(torch.nn.functional.cosine_similarity(pooled[0], prototype.float().to(pooled.device), dim=0))
+
+
 def adapt_decoder(
     model: SamModel,
     support_embeddings: torch.Tensor,

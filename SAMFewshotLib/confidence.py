@@ -43,7 +43,7 @@ from .spatial import WalkReport
 # confidence that the first slice beyond a walk's end is really empty, by why the walk stopped: high where
 # the walk saw the structure end (nothing attached, or its intensity changed under most of the last mask),
 # low where it stopped because something else got in (the mask spread, grew or jumped), between where the
-# decoder no longer recognised an outline or the outline left the structure's intensity
+# outline no longer looked like the painted structure (to the encoder) or left its intensity
 END_CONFIDENCE = {"empty": 0.7, "no points": 0.7, "edge": 1.0, "painted": 1.0, "spread": 0.4, "grew": 0.4,
                   "jumped": 0.4, "unrecognised": 0.5, "intensity": 0.5}
 # Past an uncertain end the structure may go on. How far is unknown; the scale at hand is the stretch the

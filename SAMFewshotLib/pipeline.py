@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .adaptation import AdaptationSettings, adapt_decoder, target_embeddings
+from .adaptation import AdaptationSettings, adapt_decoder, resemblance, target_embeddings
 from .adapted_model import AdaptedModel
 from .confidence import SliceConfidence, label_confidence, suggest_slice
 from .embeddings import VolumeEmbeddings, check_cancel, slice_stack
@@ -23,7 +23,7 @@ from .interactive import InteractiveSession
 from .models import DEFAULT_MODEL, SamModel, load_model, resolve_device
 from .painted_slices import PaintedSlices, find_painted_slices, numpy_axis_for
 from .spatial import WalkReport, keep_components_linked_to_painted, walk_beyond_painted
-from .prompt_propagation import prompt_walk_beyond_painted, recognition_threshold
+from .prompt_propagation import prompt_walk_beyond_painted, resemblance_threshold
 from .propagation import paste_painted, predict_probabilities, probabilities_to_labels
 from .registered_fill import GapReport, fill_between_by_registration
 from .volume_io import Volume, check_volume, label_dtype
@@ -32,7 +32,7 @@ ProgressCallback = Callable[[str, int, int], None]
 # "seed": the paper's per-slice prediction. "seed-linked": the same, keeping only the 3D regions connected to
 # a painted voxel of the same label (see spatial.py).
 # "register-box-walk" (the default): registration-guided fill inside the painted range; beyond it, SAM box-
-# prompted from each slice's mask onto the next, kept while the adapted decoder recognises the structure.
+# prompted from each slice's mask onto the next, kept while the outline looks like the painted structure.
 # "register-walk": the same inside; beyond, the few-shot decoder's own prediction walks outward.
 # "fill-walk": "register-walk" with Fill-between-slices (contour interpolation) inside the range.
 METHODS = ("register-box-walk", "register-walk", "fill-walk", "seed", "seed-linked")
@@ -251,9 +251,9 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
     masks through the gap (``registered_fill``; with ``register=False``, or where registration does not
     reproduce the painted ends, Slicer's Fill between slices). The decoder's per-slice prediction is worse
     there. Beyond the first and last painted slice neither predicts anything. There SAM, prompted with the box
-    of the previous slice's mask, outlines the structure slice by slice while the decoder adapted to it still
-    recognises it (``prompt_propagation.prompt_walk_beyond_painted``; how sure it must be:
-    ``recognition_threshold``). With ``box_walk=False`` the decoder's
+    of the previous slice's mask, outlines the structure slice by slice while the outline still looks like the
+    painted structure to the encoder (``prompt_propagation.prompt_walk_beyond_painted``; how much alike:
+    ``resemblance_threshold``). With ``box_walk=False`` the decoder's
     own prediction walks instead (``spatial.walk_beyond_painted``): it stops early where the structure
     changes its look towards its ends (the aorta's).
     Only the slices the walk reaches are encoded. Slices the user checked empty stay empty, and walks stop there.
@@ -297,11 +297,19 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
             return predict_probabilities({value: adaptation.decoders[value]}, single, embeddings, [index])[value][0]
 
         if box_walk:
-            def threshold(value=value, probability=probability) -> float:
-                return recognition_threshold(result, label_stack, painted.indices, value, probability)
+            prototype = adaptation.targets[value].mean(0)
+
+            def looks_like(index: int, mask: np.ndarray, prototype=prototype) -> float:
+                embeddings.ensure([index])
+                fractions = embeddings.transform.mask_to_grid(torch.from_numpy(mask.astype(np.float32))[None],
+                                                              embeddings.model.embedding_grid)
+                return resemblance(embeddings.get([index]), fractions, prototype)
+
+            def threshold(value=value, looks_like=looks_like) -> float:
+                return resemblance_threshold(result, label_stack, painted.indices, value, looks_like)
 
             walks[value] = prompt_walk_beyond_painted(session, result, label_stack, settled, value,
-                                                      probability, min_recognised=threshold,
+                                                      probability, looks_like, min_resemblance=threshold,
                                                       seed=adaptation.settings.seed, cancel=cancel)
         else:
             walks[value] = walk_beyond_painted(result, label_stack, settled, value, probability, radius)
