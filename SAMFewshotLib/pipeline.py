@@ -243,6 +243,17 @@ def segment_volume(
     return propagate(adaptation, method, label_names=label_names, progress=progress, cancel=cancel)
 
 
+def outline_resemblance(embeddings: VolumeEmbeddings, index: int, mask: np.ndarray, prototype: torch.Tensor
+                        ) -> float:
+    """How much a mask on one slice looks like a label's painted masks to the encoder: the cosine similarity
+    of its mean embedding to ``prototype`` (the mean of the label's target embeddings). Encodes the slice if
+    needed."""
+    embeddings.ensure([index])
+    fractions = embeddings.transform.mask_to_grid(torch.from_numpy(np.asarray(mask, np.float32))[None],
+                                                  embeddings.model.embedding_grid)
+    return resemblance(embeddings.get([index]), fractions, prototype)
+
+
 def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bool = True, box_walk: bool = True
                    ) -> tuple[np.ndarray, dict[int, WalkReport], list[GapReport]]:
     """Fill between painted slices, then walk beyond them.
@@ -300,10 +311,7 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
             prototype = adaptation.targets[value].mean(0)
 
             def looks_like(index: int, mask: np.ndarray, prototype=prototype) -> float:
-                embeddings.ensure([index])
-                fractions = embeddings.transform.mask_to_grid(torch.from_numpy(mask.astype(np.float32))[None],
-                                                              embeddings.model.embedding_grid)
-                return resemblance(embeddings.get([index]), fractions, prototype)
+                return outline_resemblance(embeddings, index, mask, prototype)
 
             def threshold(value=value, looks_like=looks_like) -> float:
                 return resemblance_threshold(result, label_stack, painted.indices, value, looks_like)

@@ -70,6 +70,34 @@ def test_walk_beyond_the_painted_range_finds_liver_there(sample_result, sample_r
     assert found >= 0.5, f"liver Dice below the first painted slice {found:.3f}"
 
 
+def test_the_walk_gate_passes_the_liver_and_refuses_bone(sample_adaptation, sample_result, sample_reference,
+                                                         sample_image):
+    """Beyond the painted range a walked outline is kept while it looks like the painted structure to the
+    encoder. With the real weights: the liver's own cross-sections between the painted slices pass the
+    threshold learnt from the filled masks, the vertebra's bone on the same slices does not."""
+    from scipy import ndimage
+
+    from SAMFewshotLib.pipeline import outline_resemblance
+    from SAMFewshotLib.prompt_propagation import resemblance_threshold
+
+    embeddings, prototype = sample_adaptation.embeddings, sample_adaptation.targets[1].mean(0)
+
+    def looks_like(index, mask):
+        return outline_resemblance(embeddings, index, mask, prototype)
+
+    threshold = resemblance_threshold(sample_result.labels, sample_adaptation.label_stack, PAINTED_SLICES, 1,
+                                      looks_like)
+    middles = [(below + above) // 2 for below, above in zip(PAINTED_SLICES[:-1], PAINTED_SLICES[1:])]
+    liver = [looks_like(i, sample_reference[i] == 1) for i in middles]  # the slices the threshold encoded
+    bone = []
+    for i in middles:
+        regions, count = ndimage.label(sample_image.array[i] > 250)
+        bone.append(looks_like(i, regions == 1 + int(np.argmax(np.bincount(regions.ravel())[1:]))))
+    print(f"threshold {threshold:.3f}, liver {np.round(liver, 3)}, bone {np.round(bone, 3)}")
+    assert min(liver) >= threshold + 0.05
+    assert np.mean(bone) <= threshold - 0.05
+
+
 def test_seed_method_alone_segments_the_liver(sample_seed_result, sample_reference):
     liver = dice(unpainted(sample_seed_result.seed_labels) == 1, unpainted(sample_reference) == 1)
     assert liver >= 0.7, f"seed method liver Dice {liver:.3f}"
