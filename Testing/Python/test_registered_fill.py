@@ -56,6 +56,33 @@ def test_follows_a_structure_that_curves_between_painted_slices():
     assert calls == [], "no gap fell back, so contour interpolation (slow to load) should not have run"
 
 
+def test_a_part_that_appears_inside_the_gap_is_kept_near_where_it_is_painted():
+    """Painted below with one disk and above with two (as a vertebra's body appears above a slice holding only
+    its posterior elements): the second disk appears on slice 3 and grows to full size by slice 5."""
+    slices, rng = 9, np.random.default_rng(0)
+    truth = np.zeros((slices, SIZE, SIZE), bool)
+    image = np.zeros(truth.shape, np.float32)
+    for z in range(slices):
+        truth[z] = disk(20, 32, 6)
+        if z >= 3:
+            truth[z] |= disk(44, 32, min(9, 3 * (z - 2)))
+        image[z] = ndimage.gaussian_filter(100.0 * truth[z].astype(np.float32), 1.5)
+    image += rng.normal(0.0, 5.0, image.shape).astype(np.float32)
+    labels = np.zeros(truth.shape, np.uint8)
+    labels[[0, slices - 1]] = truth[[0, slices - 1]]
+    interpolated = fill_between_slices(labels, 0)
+    filled, reports = fill_between_by_registration(image, labels, [0, slices - 1], interpolated)
+
+    middle, part = slice(1, slices - 1), np.zeros(truth.shape, bool)
+    part[:, SIZE // 2:] = True  # the half of each slice where the second disk lies
+    appearing = dice((filled == 1)[middle] & part[middle], truth[middle] & part[middle])
+    overall, contour = dice(filled[middle] == 1, truth[middle]), dice(interpolated[middle] == 1, truth[middle])
+    assert reports[0].registered
+    # unclipped, the chain from slice 0 (no second disk) cut it down to 0.59
+    assert appearing >= 0.9, f"the appearing disk: Dice {appearing:.3f}"
+    assert overall >= 0.95 and overall >= contour + 0.05, f"{overall:.3f} vs contour {contour:.3f}"
+
+
 def test_a_large_crop_is_registered_on_a_coarser_grid_and_mapped_back_in_place():
     # a large organ on fine slices (its crop exceeds MAX_SIDE pixels) that shifts sideways and back
     size, rng = 200, np.random.default_rng(1)
