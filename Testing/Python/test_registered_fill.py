@@ -25,13 +25,17 @@ def curving_vessel() -> tuple[np.ndarray, np.ndarray]:
     """A bright disk that swings 12 voxels sideways and back between slice 0 and slice 20: painted at both
     ends it sits in the same place, so a shape-only interpolation keeps it still. Its edge is blurred as a
     scanner's partial volume blurs it, and the image is noisy."""
-    rng = np.random.default_rng(0)
     truth = np.zeros((SLICES, SIZE, SIZE), bool)
-    image = np.zeros(truth.shape, np.float32)
     for z in range(SLICES):
         truth[z] = disk(32, 26 + 12 * np.sin(np.pi * z / (SLICES - 1)), 6)
-        image[z] = ndimage.gaussian_filter(100.0 * truth[z].astype(np.float32), 1.5)
-    return image + rng.normal(0.0, 5.0, image.shape).astype(np.float32), truth
+    return scanned(truth, 1.5, seed=0), truth
+
+
+def scanned(truth: np.ndarray, blur: float, seed: int) -> np.ndarray:
+    """The image a scanner would give of ``truth``: bright inside, each slice's edges blurred over ``blur``
+    pixels (partial volume), plus noise."""
+    image = ndimage.gaussian_filter(100.0 * truth.astype(np.float32), (0, blur, blur))
+    return image + np.random.default_rng(seed).normal(0.0, 5.0, image.shape).astype(np.float32)
 
 
 def test_follows_a_structure_that_curves_between_painted_slices():
@@ -59,15 +63,13 @@ def test_follows_a_structure_that_curves_between_painted_slices():
 def test_a_part_that_appears_inside_the_gap_is_kept_near_where_it_is_painted():
     """Painted below with one disk and above with two (as a vertebra's body appears above a slice holding only
     its posterior elements): the second disk appears on slice 3 and grows to full size by slice 5."""
-    slices, rng = 9, np.random.default_rng(0)
+    slices = 9
     truth = np.zeros((slices, SIZE, SIZE), bool)
-    image = np.zeros(truth.shape, np.float32)
     for z in range(slices):
         truth[z] = disk(20, 32, 6)
         if z >= 3:
             truth[z] |= disk(44, 32, min(9, 3 * (z - 2)))
-        image[z] = ndimage.gaussian_filter(100.0 * truth[z].astype(np.float32), 1.5)
-    image += rng.normal(0.0, 5.0, image.shape).astype(np.float32)
+    image = scanned(truth, 1.5, seed=0)
     labels = np.zeros(truth.shape, np.uint8)
     labels[[0, slices - 1]] = truth[[0, slices - 1]]
     interpolated = fill_between_slices(labels, 0)
@@ -85,14 +87,12 @@ def test_a_part_that_appears_inside_the_gap_is_kept_near_where_it_is_painted():
 
 def test_a_large_crop_is_registered_on_a_coarser_grid_and_mapped_back_in_place():
     # a large organ on fine slices (its crop exceeds MAX_SIDE pixels) that shifts sideways and back
-    size, rng = 200, np.random.default_rng(1)
+    size = 200
     rows, cols = np.mgrid[:size, :size]
     truth = np.zeros((SLICES, size, size), bool)
-    image = np.zeros(truth.shape, np.float32)
     for z in range(SLICES):
         truth[z] = (rows - 100) ** 2 + (cols - 95 - 8 * np.sin(np.pi * z / (SLICES - 1))) ** 2 <= 60**2
-        image[z] = ndimage.gaussian_filter(100.0 * truth[z].astype(np.float32), 2.0)
-    image += rng.normal(0.0, 5.0, image.shape).astype(np.float32)
+    image = scanned(truth, 2.0, seed=1)
     labels = np.zeros(truth.shape, np.uint8)
     labels[[0, SLICES - 1]] = truth[[0, SLICES - 1]]
     interpolated = fill_between_slices(labels, 0)
