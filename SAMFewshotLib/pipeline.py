@@ -248,7 +248,6 @@ def outline_resemblance(embeddings: VolumeEmbeddings, index: int, mask: np.ndarr
     """How much a mask on one slice looks like a label's painted masks to the encoder: the cosine similarity
     of its mean embedding to ``prototype`` (the mean of the label's target embeddings). Encodes the slice if
     needed."""
-    embeddings.ensure([index])
     fractions = embeddings.transform.mask_to_grid(torch.from_numpy(np.asarray(mask, np.float32))[None],
                                                   embeddings.model.embedding_grid)
     return resemblance(embeddings.get([index]), fractions, prototype)
