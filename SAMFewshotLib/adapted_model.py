@@ -1,8 +1,9 @@
-"""An adapted model: the fine-tuned decoders (one per label) plus their target embeddings, in one safetensors file.
+"""An adapted model: the fine-tuned decoders (one per label) plus their target embeddings, and the segmented
+source volumes as atlases (``atlas.py``), in one safetensors file.
 
 The file's metadata holds a JSON header (format version, the base model's identity, labels and names,
-preprocessing, slice axis, training settings) so that applying it to another volume reproduces the
-preprocessing, and applying it on a different base model is refused. safetensors holds only tensors, so
+preprocessing, slice axis, training settings, each atlas's geometry) so that applying it to another volume
+reproduces the preprocessing, and applying it on a different base model is refused. safetensors holds only tensors, so
 loading an adapted model can never run code.
 """
 
@@ -19,10 +20,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
+from .atlas import Atlas
 from .errors import CheckpointError
 from .fewshot_decoder import FewShotMaskDecoder
 from .intensity import IntensityWindow
 from .models import SamModel
+from .volume_io import Volume
 
 FORMAT = "samfewshot-adapted-model"
 FORMAT_VERSION = 1
@@ -40,6 +43,7 @@ class AdaptedModel:
     window: IntensityWindow = field(default_factory=IntensityWindow)
     settings: dict = field(default_factory=dict)
     version: str = __version__
+    atlases: list[Atlas] = field(default_factory=list)  # segmented source volumes (older files hold none)
 
     @property
     def model_kind(self) -> str:
@@ -88,6 +92,10 @@ class AdaptedModel:
             decoders[label].to(model.device).eval()
         return decoders
 
+    def add_atlas(self, image: Volume, labels: np.ndarray) -> None:
+        """Keep ``image`` with its full label map (same grid) to segment other volumes by registration."""
+        self.atlases.append(Atlas.from_volume(image, labels))
+
     def header(self) -> dict:
         return {
             "format": FORMAT,
@@ -98,6 +106,8 @@ class AdaptedModel:
             "axis": self.axis_name,
             "window": {"low": self.window.low, "high": self.window.high, "percentiles": list(self.window.percentiles)},
             "settings": self.settings,
+            "atlases": [{"spacing": list(a.spacing), "origin": list(a.origin), "direction": list(a.direction)}
+                        for a in self.atlases],
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -107,6 +117,10 @@ class AdaptedModel:
         tensors = {f"decoder.{label}.{k}": v.contiguous() for label, state in self.decoder_states.items()
                    for k, v in state.items()}
         tensors.update({f"targets.{k}": v.contiguous() for k, v in self.targets.items()})
+        for number, atlas in enumerate(self.atlases):
+            tensors[f"atlas.{number}.image"] = torch.from_numpy(np.ascontiguousarray(atlas.image))
+            labels = atlas.labels.astype(np.uint8 if atlas.labels.max() < 256 else np.int32)
+            tensors[f"atlas.{number}.labels"] = torch.from_numpy(np.ascontiguousarray(labels))
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             save_file(tensors, str(temporary), metadata={"samfewshot": json.dumps(self.header())})
@@ -154,6 +168,8 @@ class AdaptedModel:
                                        tuple(float(p) for p in window.get("percentiles", (0.5, 99.5)))),
                 settings=dict(header.get("settings", {})),
                 version=str(header.get("samfewshot_version", "?")),
+                atlases=[_atlas(tensors, number, geometry)
+                         for number, geometry in enumerate(header.get("atlases", []))],
             )
             model._check_tensors()
         except (KeyError, TypeError, ValueError, AttributeError) as error:
@@ -173,6 +189,19 @@ class AdaptedModel:
         low, high = self.window.low, self.window.high
         if (low is None) != (high is None) or (low is not None and not high > low) or len(self.window.percentiles) != 2:
             raise ValueError(f"intensity window {low}, {high}, {self.window.percentiles}")
+
+
+def _atlas(tensors: dict[str, torch.Tensor], number: int, geometry: dict) -> Atlas:
+    """Atlas ``number`` from the file (ValueError, KeyError or TypeError if damaged)."""
+    image = tensors[f"atlas.{number}.image"].numpy()
+    labels = tensors[f"atlas.{number}.labels"].numpy()
+    spacing, origin = (tuple(float(v) for v in geometry[key]) for key in ("spacing", "origin"))
+    direction = tuple(float(v) for v in geometry["direction"])
+    if image.ndim != 3 or image.shape != labels.shape or not np.isfinite(image).all():
+        raise ValueError(f"atlas {number}: image {image.shape} and labels {labels.shape} are not one finite volume")
+    if len(spacing) != 3 or len(origin) != 3 or len(direction) != 9 or not min(spacing) > 0:
+        raise ValueError(f"atlas {number}: geometry {geometry}")
+    return Atlas(image.astype(np.float16), labels, spacing, origin, direction)
 
 
 def _text(value) -> str:

@@ -3,8 +3,8 @@
     samfewshot segment IMAGE LABELS -o OUTPUT [--model lite-medsam|vit_b:PATH|vit_l:PATH|vit_h:PATH]
                        [--device auto|cpu|cuda] [--axis auto|axial|coronal|sagittal] [--cache-dir DIR] [--seed N]
                        [--empty-slices N[,N...]] [--report REPORT.json]
-    samfewshot train --image A --labels A_LABELS [--image B --labels B_LABELS ...] -o MODEL
-    samfewshot apply MODEL IMAGE -o OUTPUT
+    samfewshot train --image A --labels A_LABELS [--image B --labels B_LABELS ...] -o MODEL [--no-atlas]
+    samfewshot apply MODEL IMAGE -o OUTPUT [--method auto|atlas|decoder]
     samfewshot click IMAGE --slice N [--point x,y[,label] ...] [--box x0,y0,x1,y1] -o OUTPUT
                      [--zero-shot [--tune-encoder STEPS]] [--learn-from LABELS] [--propagate] [--add-to LABELS]
 
@@ -75,12 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("-o", "--output", required=True, help="adapted model file (.safetensors)")
     common(train)
     adaptation(train)
+    train.add_argument("--no-atlas", action="store_true",
+                       help="keep only the adapted decoder: no segmented copy of each volume to register onto new "
+                            "ones (smaller file, faster training; 'apply' then runs the decoder)")
 
     apply = commands.add_parser("apply", help="segment a volume with a saved adapted model")
     apply.add_argument("model_file", metavar="MODEL", help="adapted model from 'samfewshot train' or --save-model")
     apply.add_argument("image", help="the volume to segment")
     apply.add_argument("-o", "--output", required=True, help="output label map")
     common(apply, axis_default="auto")
+    apply.add_argument("--method", default="auto", choices=("auto", "atlas", "decoder"),
+                       help="atlas: register the model's segmented training volumes onto this one; decoder: the "
+                            "adapted decoder on every slice; auto (default): atlas if the model holds one")
     apply.set_defaults(model=None)
 
     click = commands.add_parser(
@@ -215,6 +221,7 @@ def _segment(args, progress: Progress) -> int:
     print(f"found {result.painted.describe()}")
     write_label_map(result.labels, image, output)
     if args.save_model:
+        result.adapted.add_atlas(image, result.labels)  # this volume, segmented, to register onto others
         result.adapted.save(args.save_model)
         print(f"saved adapted model to {args.save_model}")
     if args.report:
@@ -255,7 +262,8 @@ def _train(args, progress: Progress) -> int:
         pairs.append((image, read_label_map(labels_path, image).array))
     adapted = train_adapted_model(pairs, model=args.model, device=args.device, axis=args.axis,
                                   cache_dir=args.cache_dir, seed=args.seed, window=args.window,
-                                  iterations=args.iterations, progress=progress)
+                                  iterations=args.iterations, progress=progress,
+                                  atlases=not args.no_atlas)
     progress.close()
     adapted.save(output)
     print(f"adapted on {adapted.settings['support_slices']} painted {adapted.axis_name} slices of "
@@ -272,11 +280,13 @@ def _apply(args, progress: Progress) -> int:
     adapted = AdaptedModel.load(args.model_file)
     image = read_volume(args.image)
     labels = apply_adapted_model(adapted, image, model=args.model, device=args.device, axis=args.axis,
-                                 cache_dir=args.cache_dir, progress=progress)
+                                 cache_dir=args.cache_dir, progress=progress, method=args.method)
     progress.close()
     write_label_map(labels, image, output)
     labels_found = ", ".join(adapted.label_names.get(v, str(v)) for v in sorted(adapted.targets))
-    print(f"segmented {labels_found} along the {adapted.axis_name} axis with {args.model_file}; wrote {output}")
+    how = (f"by registering its {len(adapted.atlases)} atlas(es)" if args.method == "atlas" or
+           (args.method == "auto" and adapted.atlases) else f"with its decoder along the {adapted.axis_name} axis")
+    print(f"segmented {labels_found} {how} ({args.model_file}); wrote {output}")
     return 0
 
 

@@ -260,6 +260,8 @@ def _propagate(request, image, reorientation, report, cancel):
             previous=_previous.get((request.volume_node_id, task.segment_id)),
         )
         _remember(request.volume_node_id, task.segment_id, result.adaptation)
+        # a saved model then segments another patient by registering this volume, segmented, onto it
+        result.adapted.add_atlas(image, np.asarray(result.labels))
         encoded += int(getattr(result, "encoded_slices", 0))
         mask = reorientation.from_canonical(np.asarray(result.labels) == 1).astype(np.uint8)
         advice = slice_advice(result, reorientation, task.labels.shape, task.segment_id, task.axis_name)

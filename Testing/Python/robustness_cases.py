@@ -890,7 +890,7 @@ def _check_killed(ws, value):
 
 def _two_at_once(ws):
     """Two ``samfewshot train`` processes on the same volume, sharing $SAMFEWSHOT_CACHE_DIR, at the same time.
-    (``train`` encodes, caches and adapts exactly as ``segment`` does, without loading ITK for the propagation.)"""
+    (``train`` encodes, caches and adapts exactly as ``segment`` does, then segments the volume for its atlas.)"""
     image, labels = ws.image(), ws.painting()
     reference = baseline(ws)
     _with_engine(ws)

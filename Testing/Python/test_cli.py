@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import PAINTED_SLICES, REPO, SAMPLE_CT, SAMPLE_PAINTED
+from SAMFewshotLib.adapted_model import AdaptedModel
 from SAMFewshotLib.cli import main
 
 
@@ -57,9 +58,10 @@ def test_train_on_several_volumes(tmp_path, cache_dir, capsys):
     model = tmp_path / "m.safetensors"
     code, out, err = run("train", "--image", SAMPLE_CT, "--labels", SAMPLE_PAINTED, "--image", SAMPLE_CT,
                          "--labels", SAMPLE_PAINTED, "-o", model, "--cache-dir", cache_dir, "--iterations", "1",
-                         "--quiet", capsys=capsys)
+                         "--no-atlas", "--quiet", capsys=capsys)
     assert code == 0, err
     assert "10 painted axial slices of 2 volume(s)" in out
+    assert AdaptedModel.load(model).atlases == []
     assert model.stat().st_size > 1_000_000
 
 

@@ -26,6 +26,8 @@ if h.HAS_MRML:
     from SAMFewshotMRML.workflow import PREVIEW_ATTRIBUTE, PREVIEW_OPACITY, Workflow, added_voxels
 
 from conftest import TEST_CACHE_DIR as CACHE_DIR  # noqa: E402  (the session-wide embedding cache)
+
+from SAMFewshotLib.adapted_model import AdaptedModel  # noqa: E402
 OPTIONS = {"cache_dir": CACHE_DIR, "device": "cpu", "seed": 0}
 MIN_DICE = 0.8  # liver, unpainted slices (issue 4)
 UNPAINTED = [k for k in range(48) if k not in h.PAINTED_LIVER_SLICES]
@@ -547,8 +549,10 @@ def test_saved_adapted_model_segments_a_volume_without_painting(arrays, propagat
     created = context.scene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
     assert created.GetSegmentation().GetSegment(segment_id).GetName() == "Liver"
     result = segments.read_segment_mask(created, segment_id, volume)
-    # Every slice is predicted here (no painted slice is pasted back), so the bar is the propagation's
-    # minus a margin: this checks the save/load/apply path, not the model's quality.
+    # The saved model holds the propagated volume as its atlas, registered here onto the same CT loaded again;
+    # no painted slice is pasted back, so the bar is the propagation's minus a margin: this checks the
+    # save/load/apply path, not the model's quality.
+    assert len(AdaptedModel.load(path).atlases) == 1
     assert h.dice(result, arrays["reference"] == h.LIVER) >= MIN_DICE - 0.1
     workflow.undo()  # the segment that Apply created goes away again
     assert segments.segment_ids(created) == []
