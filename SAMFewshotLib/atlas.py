@@ -69,17 +69,10 @@ class Atlas:
     def segment(self, target: Volume, seed: int = 0) -> np.ndarray:
         """This atlas's labels warped onto ``target``'s grid (K, J, I)."""
         fixed = _standardised(_image(np.asarray(target.array, np.float32), target))
-        moving = self._sitk(self.image.astype(np.float32))
+        moving = _image(self.image.astype(np.float32), self)
         transform = _register(_shrunk(fixed, REGISTRATION_VOXELS), _shrunk(moving, REGISTRATION_VOXELS), seed)
-        warped = sitk.Resample(self._sitk(self.labels), fixed, transform, sitk.sitkNearestNeighbor, 0)
+        warped = sitk.Resample(_image(self.labels, self), fixed, transform, sitk.sitkNearestNeighbor, 0)
         return sitk.GetArrayFromImage(warped)
-
-    def _sitk(self, array: np.ndarray) -> sitk.Image:
-        image = sitk.GetImageFromArray(array)
-        image.SetSpacing(self.spacing)
-        image.SetOrigin(self.origin)
-        image.SetDirection(self.direction)
-        return image
 
 
 def segment_with_atlases(atlases: Sequence[Atlas], target: Volume, *, seed: int = 0,
@@ -106,7 +99,8 @@ def segment_with_atlases(atlases: Sequence[Atlas], target: Volume, *, seed: int 
     return out
 
 
-def _image(array: np.ndarray, geometry: Volume) -> sitk.Image:
+def _image(array: np.ndarray, geometry: Volume | Atlas) -> sitk.Image:
+    """``array`` (K, J, I) placed in the patient as ``geometry`` places its voxels."""
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(tuple(float(s) for s in geometry.spacing))
     image.SetOrigin(tuple(float(o) for o in geometry.origin))
