@@ -166,6 +166,9 @@ class SegmentResult:
     indices: tuple[int, ...] = ()  # slices painted when the result was computed
     adapted: object | None = None  # SAMFewshotLib.adapted_model.AdaptedModel
     advice: SliceAdvice | None = None  # per-slice confidence and the slice to paint next (propagation only)
+    # (image, label map) as the library saw them: the atlas of ``adapted``, made only if it is saved (building
+    # one standardises the whole volume, about 1.4 s for a 512 x 512 x 300 CT: too much for every propagation)
+    atlas_source: tuple | None = None
 
 
 @dataclass
@@ -260,13 +263,11 @@ def _propagate(request, image, reorientation, report, cancel):
             previous=_previous.get((request.volume_node_id, task.segment_id)),
         )
         _remember(request.volume_node_id, task.segment_id, result.adaptation)
-        # a saved model then segments another patient by registering this volume, segmented, onto it
-        result.adapted.add_atlas(image, np.asarray(result.labels))
         encoded += int(getattr(result, "encoded_slices", 0))
         mask = reorientation.from_canonical(np.asarray(result.labels) == 1).astype(np.uint8)
         advice = slice_advice(result, reorientation, task.labels.shape, task.segment_id, task.axis_name)
         results.append(SegmentResult(task.segment_id, task.name, task.color, mask, task.axis, task.indices,
-                                     result.adapted, advice))
+                                     result.adapted, advice, (image, np.asarray(result.labels))))
     _check_cancel(cancel)
     return results, encoded
 

@@ -147,6 +147,7 @@ class Workflow:
         self.preview: Preview | None = None
         self.undo_point: UndoPoint | None = None
         self.adapted_models: dict[str, object] = {}  # segment name -> AdaptedModel of the last propagation
+        self.atlas_sources: dict[str, tuple] = {}  # segment name -> its (image, labels), added to it when saved
         self._applied: dict[tuple[str, str], AppliedRecord] = {}
 
     def reset(self) -> None:
@@ -154,6 +155,7 @@ class Workflow:
         self.preview = None
         self.undo_point = None
         self.adapted_models = {}
+        self.atlas_sources = {}
         self._applied = {}
 
     # ---------------------------------------------------------------- reading the painting
@@ -319,6 +321,7 @@ class Workflow:
         self.preview = Preview(node.GetID(), volume_node.GetID(), request.segmentation_node_id, segments)
         if request.kind == "propagation":
             self.adapted_models = {s.name: s.adapted for s in outcome.segments if s.adapted is not None}
+            self.atlas_sources = {s.name: s.atlas_source for s in outcome.segments if s.atlas_source is not None}
         return node
 
     @staticmethod
@@ -446,5 +449,7 @@ class Workflow:
             while candidate.lower() in used:
                 candidate, number = f"{stem} {number}", number + 1
             used.add(candidate.lower())
+            if name in self.atlas_sources:  # once: a second save keeps the atlas the first added
+                adapted.add_atlas(*self.atlas_sources.pop(name))
             written.append(adapted.save(folder / f"{candidate}{ADAPTED_MODEL_SUFFIX}"))
         return written

@@ -537,6 +537,7 @@ def test_flipped_oblique_volume_under_a_transform_gives_the_same_result(arrays, 
 def test_saved_adapted_model_segments_a_volume_without_painting(arrays, propagated, tmp_path):
     source = Workflow(h.new_scene().scene)
     source.adapted_models = {s.name: s.adapted for s in propagated["outcome"].segments}
+    source.atlas_sources = {s.name: s.atlas_source for s in propagated["outcome"].segments}
     (path,) = source.save_adapted_models(tmp_path)
     assert path.name == "Liver.safetensors"
 
