@@ -273,7 +273,7 @@ def _train(args, progress: Progress) -> int:
 
 def _apply(args, progress: Progress) -> int:
     from .adapted_model import AdaptedModel
-    from .pipeline import apply_adapted_model
+    from .pipeline import applies_atlases, apply_adapted_model
     from .volume_io import check_output_path, read_volume, write_label_map
 
     output = check_output_path(args.output, [args.model_file, args.image])
@@ -284,8 +284,8 @@ def _apply(args, progress: Progress) -> int:
     progress.close()
     write_label_map(labels, image, output)
     labels_found = ", ".join(adapted.label_names.get(v, str(v)) for v in sorted(adapted.targets))
-    how = (f"by registering its {len(adapted.atlases)} atlas(es)" if args.method == "atlas" or
-           (args.method == "auto" and adapted.atlases) else f"with its decoder along the {adapted.axis_name} axis")
+    how = (f"by registering its {len(adapted.atlases)} atlas(es)" if applies_atlases(adapted, args.method)
+           else f"with its decoder along the {adapted.axis_name} axis")
     print(f"segmented {labels_found} {how} ({args.model_file}); wrote {output}")
     return 0
 

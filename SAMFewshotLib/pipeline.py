@@ -344,50 +344,60 @@ def train_adapted_model(
 
     With ``atlases``, each volume is also kept with its full segmentation as an atlas (``atlas.py``), what
     ``apply_adapted_model`` registers onto a new volume: a label map painted on every slice of its extent is
-    taken as it is; one painted on some slices is first segmented with the default method.
+    taken as it is; one painted on some slices is first segmented with the default method, using the decoders
+    just trained.
     """
     if not pairs:
         raise InputError("give at least one image with its painted labels.")
     window = window if isinstance(window, IntensityWindow) else IntensityWindow.parse(window)
     sam = model if isinstance(model, SamModel) else get_model(model, device)
-    supports, axis_names, values, found = [], set(), set(), []
+    supports, axis_names, values, volumes = [], set(), set(), []
     for image, labels in pairs:
         check_volume(image)
         labels = _check_labels(labels, image)
         painted = find_painted_slices(labels, image.spacing, image.direction_matrix, axis)
-        found.append(painted)
         axis_names.add(painted.axis_name)
         values.update(painted.label_values)
         embeddings = VolumeEmbeddings(sam, image, painted.axis, window=window, cache_dir=cache_dir,
                                       progress=progress, cancel=cancel)
         stack = slice_stack(labels, painted.axis)
         supports.append(Support(embeddings, painted.indices, stack[list(painted.indices)]))
+        volumes.append((image, labels, painted, stack))
     if len(axis_names) > 1:
         raise InputError(f"the volumes are painted on different axes ({', '.join(sorted(axis_names))}); paint all on one.")
     settings = AdaptationSettings(iterations=iterations, seed=seed)
-    decoders, targets, _ = adapt(supports, tuple(sorted(values)), settings, progress=progress, cancel=cancel)
+    decoders, targets, losses = adapt(supports, tuple(sorted(values)), settings, progress=progress, cancel=cancel)
     count = sum(len(s.indices) for s in supports)
     names = {v: (label_names or {}).get(v, f"label {v}") for v in sorted(values)}
     adapted = AdaptedModel.from_decoders(sam, decoders, targets, names, axis_names.pop(), window,
                                          {"method": "seed", "iterations": settings.iterations_for(count),
                                           "seed": seed, "support_slices": count, "volumes": len(supports)})
-    for (image, labels), painted in zip(pairs, found) if atlases else ():
+    for (image, labels, painted, stack), support in zip(volumes, supports) if atlases else ():
         check_cancel(cancel)
-        full = labels if _painted_throughout(labels, painted) else segment_volume(
-            image, labels, model=sam, axis=axis, cache_dir=cache_dir, seed=seed, window=window,
-            iterations=iterations, progress=progress, cancel=cancel).labels
-        adapted.add_atlas(image, full)
+        if not _painted_throughout(stack, painted):
+            # the default method with the decoders just trained (for one volume, exactly what segment gives)
+            adaptation = Adaptation(sam, painted, support.embeddings, stack, decoders, targets, settings, window,
+                                    losses, {"load": 0.0, "adapt": 0.0, "encode": 0.0})
+            labels = propagate(adaptation, DEFAULT_METHOD, progress=progress, cancel=cancel).labels
+        adapted.add_atlas(image, labels)
     return adapted
 
 
-def _painted_throughout(labels: np.ndarray, painted: PaintedSlices) -> bool:
-    """Whether every label is painted on each slice from its first painted slice to its last (a full map)."""
-    stack = slice_stack(labels, painted.axis)
+def _painted_throughout(stack: np.ndarray, painted: PaintedSlices) -> bool:
+    """Whether every label is painted on each slice from its first painted slice to its last (a full map).
+    ``stack``: the label map's slices along ``painted.axis``."""
     for value in painted.label_values:
         holds = np.flatnonzero((stack == value).reshape(stack.shape[0], -1).any(1))
         if len(holds) != holds[-1] - holds[0] + 1:
             return False
     return True
+
+
+def applies_atlases(adapted: AdaptedModel, method: str = "auto") -> bool:
+    """Whether ``apply_adapted_model`` with ``method`` registers the model's atlases (else: its decoder)."""
+    if method not in APPLY_METHODS:
+        raise InputError(f"unknown method {method!r}; use one of {', '.join(APPLY_METHODS)}.")
+    return method == "atlas" or (method == "auto" and bool(adapted.atlases))
 
 
 def apply_adapted_model(
@@ -410,9 +420,7 @@ def apply_adapted_model(
     k = 10: hippocampus 0.45 -> 0.80, left atrium 0.09 -> 0.78; docs/benchmarks.md).
     """
     check_volume(image)
-    if method not in APPLY_METHODS:
-        raise InputError(f"unknown method {method!r}; use one of {', '.join(APPLY_METHODS)}.")
-    if method == "atlas" or (method == "auto" and adapted.atlases):
+    if applies_atlases(adapted, method):
         return segment_with_atlases(adapted.atlases, image, seed=int(adapted.settings.get("seed", 0)),
                                     progress=progress, cancel=cancel)
     if model is None:

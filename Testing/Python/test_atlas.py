@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from SAMFewshotLib.adapted_model import AdaptedModel
 from SAMFewshotLib.atlas import Atlas, segment_with_atlases
 from SAMFewshotLib.cli import main
+from SAMFewshotLib.embeddings import slice_stack
 from SAMFewshotLib.errors import CheckpointError, InputError
 from SAMFewshotLib.painted_slices import find_painted_slices
 from SAMFewshotLib.pipeline import _painted_throughout, apply_adapted_model
@@ -95,11 +96,12 @@ def test_an_atlas_is_refused_an_empty_or_mismatched_label_map(sample_image):
 
 def test_a_full_label_map_is_taken_as_it_is_and_painted_slices_are_not(sample_image, sample_reference,
                                                                        sample_painted):
-    def found(labels):
-        return find_painted_slices(labels, sample_image.spacing, sample_image.direction_matrix, "axial")
+    def throughout(labels):
+        painted = find_painted_slices(labels, sample_image.spacing, sample_image.direction_matrix, "axial")
+        return _painted_throughout(slice_stack(labels, painted.axis), painted)
 
-    assert _painted_throughout(sample_reference, found(sample_reference))
-    assert not _painted_throughout(sample_painted, found(sample_painted))
+    assert throughout(sample_reference)
+    assert not throughout(sample_painted)
 
 
 def test_train_on_painted_slices_then_apply_to_another_scan(tmp_path, cache_dir, another_patient, sample_image,
