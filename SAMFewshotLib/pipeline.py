@@ -26,7 +26,7 @@ from .painted_slices import PaintedSlices, find_painted_slices, numpy_axis_for
 from .spatial import WalkReport, keep_components_linked_to_painted, walk_beyond_painted
 from .prompt_propagation import prompt_walk_beyond_painted, resemblance_threshold
 from .propagation import paste_painted, predict_probabilities, probabilities_to_labels
-from .registered_fill import GapReport, fill_between_by_registration
+from .registered_fill import GapReport, fill_between_by_registration, normalised_intensities, redraw_beyond_painted
 from .volume_io import Volume, check_volume, label_dtype
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -265,7 +265,9 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
     there. Beyond the first and last painted slice neither predicts anything. There SAM, prompted with the box
     of the previous slice's mask, outlines the structure slice by slice while the outline still looks like the
     painted structure to the encoder (``prompt_propagation.prompt_walk_beyond_painted``; how much alike:
-    ``resemblance_threshold``). With ``box_walk=False`` the decoder's
+    ``resemblance_threshold``). The walk says how far the structure goes; registration from the outermost
+    painted mask then redraws it on the walked slices (``registered_fill.redraw_beyond_painted``), which drew
+    them better than SAM's outlines. With ``box_walk=False`` the decoder's
     own prediction walks instead (``spatial.walk_beyond_painted``): it stops early where the structure
     changes its look towards its ends (the aorta's).
     Only the slices the walk reaches are encoded. Slices the user checked empty stay empty, and walks stop there.
@@ -280,10 +282,11 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
         # structures, k = 3/5/10) in a quarter of the time
         return fill_between_slices(label_stack, 0, crop=True, pairwise=True).astype(dtype)
 
-    gaps = []
+    gaps, intensities = [], None
     if register:
+        intensities = normalised_intensities(embeddings.slices)
         result, gaps = fill_between_by_registration(embeddings.slices, label_stack, settled, interpolated,
-                                                 progress=progress, cancel=cancel)
+                                                    progress=progress, cancel=cancel, intensities=intensities)
         result = result.astype(dtype)
     else:
         result = interpolated()
@@ -320,6 +323,8 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
             walks[value] = prompt_walk_beyond_painted(session, result, label_stack, settled, value,
                                                       probability, looks_like, min_resemblance=threshold,
                                                       seed=adaptation.settings.seed, cancel=cancel)
+            if register:
+                redraw_beyond_painted(intensities, result, label_stack, value, walks[value].written)
         else:
             walks[value] = walk_beyond_painted(result, label_stack, settled, value, probability, radius)
     return result, walks, gaps

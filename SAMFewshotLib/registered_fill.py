@@ -137,6 +137,34 @@ def _crop(masks: Sequence[np.ndarray]) -> tuple[slice, slice]:
             slice(max(int(cols.min()) - CROP_MARGIN, 0), min(int(cols.max()) + CROP_MARGIN + 1, shape[1])))
 
 
+class _RegistrationGrid:
+    """A crop of the slices, shrunk to at most ``MAX_SIDE`` pixels a side for registration. Distances stay in
+    crop pixels on both grids, so that thresholding at 0 means the same everywhere."""
+
+    def __init__(self, masks: Sequence[np.ndarray]):
+        self.window = _crop(masks)
+        self.crop_shape = masks[0][self.window].shape
+        self.scale = min(1.0, MAX_SIDE / max(self.crop_shape))
+        self.small = tuple(max(int(round(n * self.scale)), 1) for n in self.crop_shape)
+
+    def shrink(self, array: np.ndarray) -> np.ndarray:
+        """(..., rows, cols) of the crop -> the registration's grid."""
+        if self.scale == 1.0:
+            return array
+        return resize(array, array.shape[:-2] + self.small, order=1, preserve_range=True, anti_aliasing=True
+                      ).astype(np.float32)
+
+    def region(self, intensities: np.ndarray, first: int, last: int) -> np.ndarray:
+        """Slices ``first`` to ``last`` (inclusive) of the crop, on the registration's grid."""
+        return self.shrink(intensities[first:last + 1, self.window[0], self.window[1]])
+
+    def on_crop(self, distance: np.ndarray) -> np.ndarray:
+        """A signed distance on the registration's grid -> the mask on the crop."""
+        if self.scale == 1.0:
+            return distance > 0
+        return resize(distance, self.crop_shape, order=1, preserve_range=True, anti_aliasing=False) > 0
+
+
 def fill_gap(intensities: np.ndarray, below_mask: np.ndarray, above_mask: np.ndarray, below: int, above: int
              ) -> tuple[dict[int, np.ndarray], float]:
     """Masks on the slices strictly between ``below`` and ``above`` from the two registration chains.
@@ -144,27 +172,11 @@ def fill_gap(intensities: np.ndarray, below_mask: np.ndarray, above_mask: np.nda
     Returns:
         (slice index -> boolean mask, reach: mean Dice of each chain with the painted mask at its far end).
     """
-    window = _crop([below_mask, above_mask])
-    crop_shape = below_mask[window].shape
-    scale = min(1.0, MAX_SIDE / max(crop_shape))
-    small = tuple(max(int(round(n * scale)), 1) for n in crop_shape)
-
-    def shrink(array: np.ndarray) -> np.ndarray:  # (..., rows, cols) of the crop -> the registration's grid
-        if scale == 1.0:
-            return array
-        return resize(array, array.shape[:-2] + small, order=1, preserve_range=True, anti_aliasing=True
-                      ).astype(np.float32)
-
-    region = shrink(intensities[min(below, above):max(below, above) + 1, window[0], window[1]])
-    # distances are in crop pixels on both grids, so that thresholding at 0 means the same everywhere
+    grid = _RegistrationGrid([below_mask, above_mask])
+    window, shrink, on_crop = grid.window, grid.shrink, grid.on_crop
+    region = grid.region(intensities, below, above)
     up = carry_along(region, 0, above - below, shrink(signed_distance(below_mask[window])))
     down = carry_along(region, above - below, 0, shrink(signed_distance(above_mask[window])))
-
-    def on_crop(distance: np.ndarray) -> np.ndarray:
-        if scale == 1.0:
-            return distance > 0
-        return resize(distance, crop_shape, order=1, preserve_range=True, anti_aliasing=False) > 0
-
     reach_up = _dice(on_crop(up[above - below]), above_mask[window])
     reach_down = _dice(on_crop(down[0]), below_mask[window])
     masks = {}
@@ -189,6 +201,7 @@ def fill_between_by_registration(
     *,
     progress: Callable[[str, int, int], None] | None = None,
     cancel: threading.Event | None = None,
+    intensities: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[GapReport]]:
     """Fill every label between its painted slices by registration, falling back to ``interpolated``.
 
@@ -200,11 +213,13 @@ def fill_between_by_registration(
             used for a gap where registration does not reproduce the painted ends; or a function returning
             it, called only if some gap needs it (loading ITK's interpolator alone takes ~10 s).
         progress: called with ("registering", gaps done, gaps) after each gap; ``cancel`` is checked before each.
+        intensities: ``normalised_intensities(slices)`` if the caller has it already.
     Returns:
         The filled label stack (painted slices unchanged; where labels overlap, the smaller value wins, as in
         contour interpolation) and a report per gap.
     """
-    intensities = normalised_intensities(slices)
+    if intensities is None:
+        intensities = normalised_intensities(slices)
     painted = sorted(set(int(i) for i in painted_indices))
     result = np.zeros_like(labels)
     result[painted] = labels[painted]
@@ -230,3 +245,41 @@ def fill_between_by_registration(
         if progress:
             progress("registering", done + 1, len(gaps))
     return result, reports
+
+
+def redraw_beyond_painted(intensities: np.ndarray, result: np.ndarray, labels: np.ndarray, value: int,
+                          walked: Sequence[int]) -> None:
+    """Redraw label ``value`` on the slices a walk beyond its painted range wrote (``walked``), in place: the
+    outermost painted mask on that side carried slice by slice by registration, as between painted slices.
+
+    The walk (SAM box-prompted from slice to slice, ``prompt_walk_beyond_painted``) still decides how far the
+    structure goes; registration draws it there. At k = 5 on the development data this drew the walked slices
+    better than SAM's outlines did (the hip bone's Dice 0.846 -> 0.879, the aorta's 0.839 -> 0.853; see
+    docs/benchmarks.md). A slice where the carried mask vanishes keeps the walk's outline.
+
+    Args:
+        intensities: (N, rows, cols) ``normalised_intensities`` of the slices.
+        result: (N, rows, cols) the label stack the walk wrote into.
+        labels: (N, rows, cols) the user's labels (non-zero only on painted slices).
+    """
+    with_value = [i for i in range(labels.shape[0]) if np.any(labels[i] == value)]
+    if not with_value or not walked:
+        return
+    for start, side in ((with_value[0], sorted((i for i in walked if i < with_value[0]), reverse=True)),
+                        (with_value[-1], sorted(i for i in walked if i > with_value[-1]))):
+        if not side:
+            continue
+        start_mask = labels[start] == value
+        # the crop holds the painted mask and every outline the walk drew, so the carried mask stays inside it
+        grid = _RegistrationGrid([start_mask] + [result[i] == value for i in side])
+        first, last = min(start, side[-1]), max(start, side[-1])
+        carried = carry_along(grid.region(intensities, first, last), start - first, side[-1] - first,
+                              grid.shrink(signed_distance(start_mask[grid.window])))
+        for index in side:
+            drawn = np.zeros(start_mask.shape, bool)
+            drawn[grid.window] = grid.on_crop(carried[index - first])
+            if not drawn.any():
+                continue
+            here = result[index]
+            here[here == value] = 0
+            here[drawn & (here == 0)] = value
