@@ -24,6 +24,10 @@ Registration can also lose the structure (thin, winding or repetitive ones: colo
 run on to the painted slice at the other end of the gap, where the truth is known: if the two chains
 reproduce those painted masks less than half right, and no better than copying one painted mask onto the
 other would, the gap is filled by contour interpolation instead (``GapReport``).
+
+Beyond the painted range the same chain, run on from the outermost painted mask, draws the slices that
+the walk beyond it reached (``redraw_beyond_painted``): the walk decides how far the structure
+goes, the registration how it looks there.
 """
 
 from __future__ import annotations
