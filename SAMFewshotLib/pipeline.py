@@ -324,7 +324,8 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
                                                       probability, looks_like, min_resemblance=threshold,
                                                       seed=adaptation.settings.seed, cancel=cancel)
             if register:
-                redraw_beyond_painted(intensities, result, label_stack, value, walks[value].written)
+                redraw_beyond_painted(intensities, result, label_stack, settled, value,
+                                      walks[value].written)
         else:
             walks[value] = walk_beyond_painted(result, label_stack, settled, value, probability, radius)
     return result, walks, gaps
@@ -422,7 +423,7 @@ def apply_adapted_model(
     ``method``: "atlas" registers the model's atlases onto ``image`` (``atlas.segment_with_atlases``);
     "decoder" runs the adapted decoder on every slice (the paper's cross-volume use); "auto": the atlases if
     the model holds any. Across patients the atlases did far better on the development MRI (mean Dice at
-    k = 10: hippocampus 0.45 -> 0.80, left atrium 0.09 -> 0.78; docs/benchmarks.md).
+    k = 10: hippocampus 0.45 -> 0.81, left atrium 0.09 -> 0.79; docs/benchmarks.md).
     """
     check_volume(image)
     if applies_atlases(adapted, method):

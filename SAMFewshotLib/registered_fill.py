@@ -251,8 +251,8 @@ def fill_between_by_registration(
     return result, reports
 
 
-def redraw_beyond_painted(intensities: np.ndarray, result: np.ndarray, labels: np.ndarray, value: int,
-                          walked: Sequence[int]) -> None:
+def redraw_beyond_painted(intensities: np.ndarray, result: np.ndarray, labels: np.ndarray,
+                          painted_indices: Sequence[int], value: int, walked: Sequence[int]) -> None:
     """Redraw label ``value`` on the slices a walk beyond its painted range wrote (``walked``), in place: the
     outermost painted mask on that side carried slice by slice by registration, as between painted slices.
 
@@ -264,9 +264,10 @@ def redraw_beyond_painted(intensities: np.ndarray, result: np.ndarray, labels: n
     Args:
         intensities: (N, rows, cols) ``normalised_intensities`` of the slices.
         result: (N, rows, cols) the label stack the walk wrote into.
-        labels: (N, rows, cols) the user's labels (non-zero only on painted slices).
+        labels: (N, rows, cols) the user's labels (non-zero only on painted slices); ``painted_indices`` the
+            painted slices.
     """
-    with_value = [i for i in range(labels.shape[0]) if np.any(labels[i] == value)]
+    with_value = [i for i in sorted(set(int(i) for i in painted_indices)) if np.any(labels[i] == value)]
     if not with_value or not walked:
         return
     for start, side in ((with_value[0], sorted((i for i in walked if i < with_value[0]), reverse=True)),
