@@ -19,7 +19,12 @@ differs by where a slice lies:
   structure end there; the structure may go on for a few slices, less likely the farther
   past the end, so the doubt fades over the slices beyond it;
 - what is at stake on a walked slice is at least the cross-section next to it on the painted side: a walk
-  that suddenly loses most of the structure is as wrong as the area it lost.
+  that suddenly loses most of the structure is as wrong as the area it lost;
+- a slice drawn wrong costs both the voxels it draws wrongly and those it misses (Dice counts both), a slice
+  past an end only what it misses: the expected error of a slice is its uncertainty times the area drawn
+  plus the area at stake. Counting the area at stake alone made an end that may go on outweigh a gap whose
+  interpolated outlines were as doubtful (the vertebra of the development CT was suggested slices past its
+  end while its middle was wrong).
 
 On every slice, small cross-sections score lower: their Dice suffers most from a boundary one voxel off
 (the area / (area + boundary) factor). None of this is fitted to data; benchmarks/suggest_slices.py measures
@@ -73,8 +78,8 @@ class SliceConfidence:
     confidence: float  # 0 (guess) .. 1 (certain)
     area: int  # voxels of the label on this slice in the result
     kind: str  # "painted", "interpolated", "walked", "end" (first slice past a walk) or "outside"
-    expected_error: float  # (1 - certainty of the shape) x the area at stake, in voxels: what painting it could
-    # fix (past an uncertain end, only the doubt that painting would likely settle)
+    expected_error: float  # (1 - certainty of the shape) x (the area drawn + the area at stake), in voxels: what
+    # painting it could fix, drawn wrong or missed (past an uncertain end, only the doubt painting would likely settle)
 
     @property
     def uncertain_end(self) -> bool:
@@ -165,7 +170,9 @@ def label_confidence(
         certainty = float(np.clip(certainty, 0.0, 1.0))
         confidence = certainty * (boundary_factor(mask) if kind != "painted" else 1.0)
         uncertainty = 1.0 - certainty if fixable is None else fixable
-        out.append(SliceConfidence(index, int(value), confidence, area, kind, uncertainty * at_stake))
+        # a slice drawn wrong costs its wrong voxels and its missed ones (Dice counts both): what painting it
+        # could fix is the uncertain share of what is drawn plus of what is at stake
+        out.append(SliceConfidence(index, int(value), confidence, area, kind, uncertainty * (area + at_stake)))
     return out
 
 

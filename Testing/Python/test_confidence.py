@@ -86,6 +86,23 @@ def test_a_walk_that_loses_the_structure_puts_the_lost_area_at_stake():
     assert 11 <= suggest_slice(list(confidence.values())) <= 14  # check where the walk went wrong
 
 
+def test_a_doubtful_drawn_slice_counts_what_it_may_draw_wrong_and_what_it_may_miss():
+    # a registered gap a little less doubtful than the end past it (reach 0.6; the end grew): a wrong outline
+    # costs the voxels it draws and those it misses, an end that may go on only the missed ones, so the gap
+    # holds the more error and is where painting helps (the vertebra of the development CT, 2026-12-04)
+    painted = stacks({2: 8, 12: 8}, count=20)
+    result = painted.copy()
+    result[3:12] = disc(8)
+    gaps = [GapReport(1, 2, 12, reach=0.6, copy_dice=1.0, registered=True)]
+    walk = WalkReport(stops={-1: (1, "edge"), +1: (13, "grew")})
+    confidence = {c.index: c for c in label_confidence(result, painted, [2, 12], 1, walk, gaps)}
+    middle = confidence[7]
+    assert middle.kind == "interpolated"
+    assert np.isclose(middle.expected_error, 0.4 * 2 * disc(8).sum())  # (1 - reach) midway, drawn + missed
+    assert confidence[13].kind == "end" and confidence[13].expected_error <= 0.9 * disc(8).sum()
+    assert 5 <= suggest_slice(list(confidence.values())) <= 9
+
+
 def test_interpolation_of_a_moving_structure_is_trusted_when_its_shape_holds():
     painted = np.zeros((11, 40, 40), np.uint8)
     painted[0], painted[10] = disc(6, centre=(12, 12)), disc(6, centre=(26, 26))  # moved, same shape
