@@ -260,8 +260,9 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
     """Fill between painted slices, then walk beyond them.
 
     Between painted slices, the image itself says where the structure goes: registration carries the painted
-    masks through the gap (``registered_fill``; with ``register=False``, or where the image gives the
-    registration nothing to follow, Slicer's Fill between slices). The decoder's per-slice prediction is worse
+    masks through the gap (``registered_fill``; with ``register=False``, or where registration loses the
+    structure between alike painted masks or the image gives it nothing to follow, Slicer's Fill between
+    slices). The decoder's per-slice prediction is worse
     there. Beyond the first and last painted slice neither predicts anything. There SAM, prompted with the box
     of the previous slice's mask, outlines the structure slice by slice while the outline still looks like the
     painted structure to the encoder (``prompt_propagation.prompt_walk_beyond_painted``; how much alike:

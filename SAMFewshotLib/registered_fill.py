@@ -20,14 +20,20 @@ splits or changes topology inside the gap) is kept near the slice that holds it:
 distance is clipped to ``OUTSIDE_CLIP`` before the blend, so the chain that lacks the part cannot outvote it
 by how far away its own mask lies.
 
-Where the image gives the registration nothing to follow (the chains carry each painted mask to the other
-end of the gap unchanged) but the two painted masks differ, the gap is filled by contour interpolation
-instead (``GapReport``): with no evidence of how the shape moves, morphing one into the other is the neutral
-guess. Until 2026-12-04 a gap also fell back where the chains reproduced the far painted mask less than half
-right and no better than copying would (the chains had drifted: colon, pancreas, one vertebra level). With the
-reach weighting and the clipped blend above, the blend did better than contour interpolation on 13 of the 16
-structure/k pairs of the development data that had such a gap (k = 3, 5 and 10; 1 equal, 2 slightly worse), so
-a drifted chain now only counts less (its reach).
+Registration can also lose the structure on the way (thin, winding or repetitive ones: colon, pancreas; a
+long tube on tiny slices). Each chain is run on to the painted slice at the other end of the gap, where the truth
+is known, and some gaps are filled by contour interpolation instead (``GapReport``):
+
+- where the two painted masks are alike (Dice >= ``TRUSTED_REACH``): if the chains reproduce the far painted
+  mask at most that well, the alike painted shapes are the better guess, and contour interpolation keeps them;
+- where the painted masks differ, contour interpolation has little to morph: registration fills the gap even
+  if its chains drifted (a drifted chain counts less in the blend, by its reach), unless the image gave it
+  nothing to follow (the chains carried each painted mask to the far end unchanged, see ``STILL``).
+
+Until 2026-12-04 the second kind also fell back where the chains did no better than copying one painted mask
+onto the other. With the reach weighting and the clipped blend above, registration did better than contour
+interpolation in such gaps on the development data (pancreas, colon and vertebra levels at k = 3 / 5 / 10;
+docs/benchmarks.md).
 
 Beyond the painted range the same chain, run on from the outermost painted mask, draws the slices that
 the walk beyond it reached (``redraw_beyond_painted``): the walk decides how far the structure
@@ -57,11 +63,12 @@ DEMONS_SMOOTHING = 1.0
 # MAX_SIDE pixels a side (a 512 x 512 CT's liver then costs what the development CT's 3 mm slices cost)
 CROP_MARGIN = 10
 MAX_SIDE = 128
+# a chain that reproduces the painted mask at the far end of its gap with more than this Dice has kept hold of
+# the structure (more overlap than not); two painted masks with at least this Dice are alike
+TRUSTED_REACH = 0.5
 # A chain whose mask at the far end of its gap still has at least this Dice with the painted mask it started
-# from has not moved it: the image gave the registration nothing to follow. Two painted masks with less than
-# DIFFERENT_ENDS Dice between them changed shape over the gap.
+# from has not moved it: the image gave the registration nothing to follow.
 STILL = 0.95
-DIFFERENT_ENDS = 0.5
 # Before the chains are blended, a chain's distance outside its mask counts at most this many crop pixels:
 # outside, a chain only says "not here", not "far from here". Unclipped, the chain from a painted slice that
 # lacks a part (the vertebral body above the slice with only the posterior elements) cut that part, with its
@@ -223,7 +230,7 @@ def fill_between_by_registration(
         labels: (N, rows, cols) the user's labels (non-zero only on painted slices).
         painted_indices: the painted slices.
         interpolated: (N, rows, cols) contour interpolation of ``labels`` (``baselines.fill_between_slices``),
-            used for a gap where the image gave the registration nothing to follow; or a function returning
+            used for a gap the registration cannot fill (see the module docstring); or a function returning
             it, called only if some gap needs it (loading ITK's interpolator alone takes ~10 s).
         progress: called with ("registering", gaps done, gaps) after each gap; ``cancel`` is checked before each.
         intensities: ``normalised_intensities(slices)`` if the caller has it already.
@@ -248,7 +255,7 @@ def fill_between_by_registration(
         below_mask, above_mask = labels[below] == value, labels[above] == value
         masks, reach, moved = fill_gap(intensities, below_mask, above_mask, below, above)
         copy_dice = _dice(below_mask, above_mask)
-        registered = moved or copy_dice >= DIFFERENT_ENDS
+        registered = reach > TRUSTED_REACH if copy_dice >= TRUSTED_REACH else moved
         reports.append(GapReport(value, below, above, reach, copy_dice, registered))
         if not registered and fallback is None:
             fallback = interpolated() if callable(interpolated) else interpolated

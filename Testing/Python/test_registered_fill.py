@@ -105,15 +105,17 @@ def test_a_large_crop_is_registered_on_a_coarser_grid_and_mapped_back_in_place()
     assert registered >= 0.97 and registered >= contour + 0.02, f"{registered:.3f} vs contour {contour:.3f}"
 
 
-def test_chains_that_lose_the_structure_on_the_way_still_fill_the_gap():
-    """A disk that swings 20 voxels sideways and back over 9 slices, faster than the demons follow it: each
-    chain loses it before the far painted slice (reach about 0.3, where copying the painted mask gives 1.0),
-    yet near its own painted slice it follows the swing, which contour interpolation cannot see at all. Until
+def test_chains_that_lose_the_structure_on_the_way_still_fill_a_gap_between_unlike_masks():
+    """A disk that moves 16 voxels sideways between its painted slices and swings 24 further out and back on the
+    way, faster than the demons follow: each chain loses it before the far painted slice (reach 0), and the
+    painted masks do not overlap (copying one onto the other gives 0). Near its own painted slice each chain
+    still follows the swing; contour interpolation, morphing one painted disk into the other, misses it. Until
     2026-12-04 such a gap fell back to contour interpolation."""
     slices = 9
     truth = np.zeros((slices, SIZE, SIZE), bool)
     for z in range(slices):
-        truth[z] = disk(32, 20 + 20 * np.sin(np.pi * z / (slices - 1)), 6)
+        along = z / (slices - 1)
+        truth[z] = disk(32, 14 + 16 * along + 24 * np.sin(np.pi * along), 6)
     image = scanned(truth, 1.5, seed=0)
     labels = np.zeros(truth.shape, np.uint8)
     labels[[0, slices - 1]] = truth[[0, slices - 1]]
@@ -123,9 +125,26 @@ def test_chains_that_lose_the_structure_on_the_way_still_fill_the_gap():
     middle = slice(1, slices - 1)
     registered = dice(filled[middle] == 1, truth[middle])
     contour = dice(interpolated[middle] == 1, truth[middle])
-    assert reports[0].reach < 0.5 < reports[0].copy_dice, reports[0]
+    assert reports[0].reach <= reports[0].copy_dice < 0.5, reports[0]
     assert reports[0].registered
-    assert registered >= 0.6 and registered >= contour + 0.3, f"{registered:.3f} vs contour {contour:.3f}"
+    assert registered >= 0.5 and registered >= contour + 0.3, f"{registered:.3f} vs contour {contour:.3f}"
+
+
+def test_alike_painted_masks_are_interpolated_where_the_chains_lose_the_structure():
+    """A straight tube in noise over 200 slices, painted at both ends: the 8 x 8 slices give the demons too
+    little to hold on to over that many steps (reach 0), while the two painted masks are the same shape, so
+    the gap keeps the contour interpolation and the tube is filled all the way."""
+    rng = np.random.default_rng(7)
+    image = rng.normal(0.0, 20.0, (200, 8, 8)).astype(np.float32)
+    tube = np.zeros(image.shape, np.uint8)
+    tube[:, 2:6, 2:6] = 1
+    image[tube == 1] += 300.0
+    labels = np.zeros_like(tube)
+    labels[[0, -1]] = tube[[0, -1]]
+    filled, reports = fill_between_by_registration(image, labels, [0, 199], lambda: fill_between_slices(labels, 0))
+    assert reports[0].copy_dice == 1.0 and reports[0].reach <= 0.5, reports[0]
+    assert not reports[0].registered
+    assert dice(filled == 1, tube == 1) == 1.0
 
 
 def test_falls_back_to_contour_interpolation_where_the_image_shows_nothing():
