@@ -38,6 +38,18 @@ def scanned(truth: np.ndarray, blur: float, seed: int) -> np.ndarray:
     return image + np.random.default_rng(seed).normal(0.0, 5.0, image.shape).astype(np.float32)
 
 
+def fill_from_ends(image: np.ndarray, truth: np.ndarray):
+    """Paint the first and last slice of ``truth`` and fill between them by registration and by contour
+    interpolation: (Dice of each on the slices between, the gap's report)."""
+    last = truth.shape[0] - 1
+    labels = np.zeros(truth.shape, np.uint8)
+    labels[[0, last]] = truth[[0, last]]
+    interpolated = fill_between_slices(labels, 0)
+    filled, reports = fill_between_by_registration(image, labels, [0, last], interpolated)
+    middle = slice(1, last)
+    return dice(filled[middle] == 1, truth[middle]), dice(interpolated[middle] == 1, truth[middle]), reports[0]
+
+
 def test_follows_a_structure_that_curves_between_painted_slices():
     image, truth = curving_vessel()
     painted = [0, SLICES - 1]
@@ -92,16 +104,9 @@ def test_a_large_crop_is_registered_on_a_coarser_grid_and_mapped_back_in_place()
     truth = np.zeros((SLICES, size, size), bool)
     for z in range(SLICES):
         truth[z] = (rows - 100) ** 2 + (cols - 95 - 8 * np.sin(np.pi * z / (SLICES - 1))) ** 2 <= 60**2
-    image = scanned(truth, 2.0, seed=1)
-    labels = np.zeros(truth.shape, np.uint8)
-    labels[[0, SLICES - 1]] = truth[[0, SLICES - 1]]
-    interpolated = fill_between_slices(labels, 0)
-    filled, reports = fill_between_by_registration(image, labels, [0, SLICES - 1], interpolated)
-    middle = slice(1, SLICES - 1)
-    registered = dice(filled[middle] == 1, truth[middle])
-    contour = dice(interpolated[middle] == 1, truth[middle])
+    registered, contour, report = fill_from_ends(scanned(truth, 2.0, seed=1), truth)
     print(f"registered {registered:.3f}, contour {contour:.3f}")
-    assert reports[0].registered
+    assert report.registered
     assert registered >= 0.97 and registered >= contour + 0.02, f"{registered:.3f} vs contour {contour:.3f}"
 
 
@@ -116,17 +121,9 @@ def test_chains_that_lose_the_structure_on_the_way_still_fill_a_gap_between_unli
     for z in range(slices):
         along = z / (slices - 1)
         truth[z] = disk(32, 14 + 16 * along + 24 * np.sin(np.pi * along), 6)
-    image = scanned(truth, 1.5, seed=0)
-    labels = np.zeros(truth.shape, np.uint8)
-    labels[[0, slices - 1]] = truth[[0, slices - 1]]
-    interpolated = fill_between_slices(labels, 0)
-    filled, reports = fill_between_by_registration(image, labels, [0, slices - 1], interpolated)
-
-    middle = slice(1, slices - 1)
-    registered = dice(filled[middle] == 1, truth[middle])
-    contour = dice(interpolated[middle] == 1, truth[middle])
-    assert reports[0].reach <= reports[0].copy_dice < 0.5, reports[0]
-    assert reports[0].registered
+    registered, contour, report = fill_from_ends(scanned(truth, 1.5, seed=0), truth)
+    assert report.reach <= report.copy_dice < 0.5, report
+    assert report.registered
     assert registered >= 0.5 and registered >= contour + 0.3, f"{registered:.3f} vs contour {contour:.3f}"
 
 
