@@ -259,18 +259,17 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
                    ) -> tuple[np.ndarray, dict[int, WalkReport], list[GapReport]]:
     """Fill between painted slices, then walk beyond them.
 
-    Between painted slices, the image itself says where the structure goes: registration carries the painted
-    masks through the gap (``registered_fill``; with ``register=False``, or where registration loses the
-    structure between alike painted masks or the image gives it nothing to follow, Slicer's Fill between
-    slices). The decoder's per-slice prediction is worse
-    there. Beyond the first and last painted slice neither predicts anything. There SAM, prompted with the box
-    of the previous slice's mask, outlines the structure slice by slice while the outline still looks like the
-    painted structure to the encoder (``prompt_propagation.prompt_walk_beyond_painted``; how much alike:
-    ``resemblance_threshold``). The walk says how far the structure goes; registration from the outermost
-    painted mask then redraws it on the walked slices (``registered_fill.redraw_beyond_painted``), which drew
-    them better than SAM's outlines. With ``box_walk=False`` the decoder's
-    own prediction walks instead (``spatial.walk_beyond_painted``): it stops early where the structure
-    changes its look towards its ends (the aorta's).
+    Between painted slices, the image itself says where the structure goes: registration carries the painted masks
+    through the gap (``registered_fill``; with ``register=False``, or where registration loses the structure
+    between alike painted masks or the image gives it nothing to follow, Slicer's Fill between slices). The
+    decoder's per-slice prediction is worse there. Beyond the first and last painted slice neither predicts
+    anything. There SAM, prompted with the box of the previous slice's mask, outlines the structure slice by slice
+    while the outline still looks like the painted structure to the encoder
+    (``prompt_propagation.prompt_walk_beyond_painted``; how much alike: ``resemblance_threshold``). The walk says
+    how far the structure goes; registration from the outermost painted mask then redraws it on the walked slices
+    (``registered_fill.redraw_beyond_painted``), which drew them better than SAM's outlines. With
+    ``box_walk=False`` the decoder's own prediction walks instead (``spatial.walk_beyond_painted``): it stops
+    early where the structure changes its look towards its ends (the aorta's).
     Only the slices the walk reaches are encoded. Slices the user checked empty stay empty, and walks stop there.
     """
     from .baselines import fill_between_slices

@@ -21,11 +21,11 @@ distance is clipped to ``OUTSIDE_CLIP`` before the blend, so the chain that lack
 by how far away its own mask lies.
 
 Registration can also lose the structure on the way (thin, winding or repetitive ones: colon, pancreas; a
-long tube on tiny slices). Each chain is run on to the painted slice at the other end of the gap, where the truth
-is known, and some gaps are filled by contour interpolation instead (``GapReport``):
+long tube on tiny slices). Each chain is run on to the painted slice at the other end of the gap, where the
+truth is known, and some gaps are filled by contour interpolation instead (``GapReport``):
 
 - where the two painted masks are alike (Dice >= ``TRUSTED_REACH``): if the chains reproduce the far painted
-  mask at most that well, the alike painted shapes are the better guess, and contour interpolation keeps them;
+  mask at most half right, the alike painted shapes are the better guess, and contour interpolation keeps them;
 - where the painted masks differ, contour interpolation has little to morph: registration fills the gap even
   if its chains drifted (a drifted chain counts less in the blend, by its reach), unless the image gave it
   nothing to follow (the chains carried each painted mask to the far end unchanged, see ``STILL``).
