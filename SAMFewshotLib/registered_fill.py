@@ -195,10 +195,10 @@ def fill_gap(intensities: np.ndarray, below_mask: np.ndarray, above_mask: np.nda
     region = grid.region(intensities, below, above)
     up = carry_along(region, 0, above - below, shrink(signed_distance(below_mask[window])))
     down = carry_along(region, above - below, 0, shrink(signed_distance(above_mask[window])))
-    reach_up = _dice(on_crop(up[above - below]), above_mask[window])
-    reach_down = _dice(on_crop(down[0]), below_mask[window])
-    moved = min(_dice(on_crop(up[above - below]), below_mask[window]),
-                _dice(on_crop(down[0]), above_mask[window])) < STILL
+    up_end, down_end = on_crop(up[above - below]), on_crop(down[0])
+    reach_up = _dice(up_end, above_mask[window])
+    reach_down = _dice(down_end, below_mask[window])
+    moved = min(_dice(up_end, below_mask[window]), _dice(down_end, above_mask[window])) < STILL
     masks = {}
     for index in range(below + 1, above):
         # nearer chain weighs more, and so does the chain that kept hold of the structure better over the gap
