@@ -6,7 +6,8 @@ source volume's own segmentation, moved onto the target by registering the two i
 shape and place: an affine registration (Mattes mutual information, so any two MRI or CT contrasts) followed
 by a deformable one (symmetric-forces demons on the affinely aligned, histogram-matched images), and the
 source labels warped by the result. With several source volumes each is registered and the warped labels
-vote. On the same pairs one source gave 0.81 and 0.79, three hippocampus sources voting 0.84.
+vote. On the same pairs one source gave 0.81 and 0.79, three hippocampus sources voting 0.84. The fused labels'
+borders are then refined with the target's own intensities (``label_refinement.py``).
 
 An atlas is the source image (intensities standardised, float16) with its label map on the same grid, shrunk
 to at most ``MAX_VOXELS`` voxels so that a saved model stays small. Both volumes should show the same region
@@ -24,6 +25,7 @@ import SimpleITK as sitk
 
 from .embeddings import check_cancel
 from .errors import InputError
+from .label_refinement import refine_by_intensity
 from .volume_io import Volume, label_dtype
 
 # an atlas larger than this is shrunk by whole factors per axis, the finer axes first
@@ -81,11 +83,12 @@ class Atlas:
         return sitk.GetArrayFromImage(warped)
 
 
-def segment_with_atlases(atlases: Sequence[Atlas], target: Volume, *, seed: int = 0,
+def segment_with_atlases(atlases: Sequence[Atlas], target: Volume, *, seed: int = 0, refine: bool = True,
                          progress: Callable[[str, int, int], None] | None = None,
                          cancel: threading.Event | None = None) -> np.ndarray:
     """The atlases' labels warped onto ``target`` and fused: each voxel takes the label most atlases put there
-    if at least half of them do, else background."""
+    if at least half of them do, else background. With ``refine``, each label's border is then moved to where
+    the target's own intensities put it (``label_refinement.py``)."""
     if not atlases:
         raise InputError("no atlas to register: this adapted model holds none; make it again with 'samfewshot train'.")
     values = sorted({int(v) for atlas in atlases for v in np.unique(atlas.labels) if v != 0})
@@ -102,7 +105,7 @@ def segment_with_atlases(atlases: Sequence[Atlas], target: Volume, *, seed: int 
     chosen = np.take_along_axis(votes, best[None], 0)[0]
     majority = (chosen > 0) & (chosen * 2 >= len(atlases))
     out[majority] = np.asarray(values)[best[majority]]
-    return out
+    return refine_by_intensity(out, target) if refine else out
 
 
 def _image(array: np.ndarray, geometry: Volume | Atlas) -> sitk.Image:

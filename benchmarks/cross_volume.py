@@ -6,9 +6,10 @@ is painted on k slices (the data README's spread rule, as in ``within_volume.py`
 on them and the source is segmented from them with the default method to serve as an atlas
 (``train_adapted_model``, what ``samfewshot train`` does). The adapted model then segments every other case of
 the dataset, no painting of the target (``apply_adapted_model``, what ``samfewshot apply`` does), both ways:
-``atlas`` (the default: the segmented source registered onto the target) and ``decoder`` (the adapted decoder
-on every slice); with three or more cases, also with the atlases of all the other cases fused (what
-``samfewshot train`` on all of them gives). Dice is taken over the whole target volume, as is and keeping only its largest 3D connected
+``atlas`` (the default: the segmented source registered onto the target, its border refined with the target's
+intensities; ``labels as warped``: without that refinement) and ``decoder`` (the adapted decoder on every
+slice); with three or more cases, also with the atlases of all the other cases fused (what ``samfewshot
+train`` on all of them gives), refined or not. Dice is taken over the whole target volume, as is and keeping only its largest 3D connected
 component. The within-volume Dice of the default method on the target (from
 ``benchmarks/results/within_volume.csv``, same k) is the reference point: issue #5 asks for cross-volume
 within 0.05 of it at k = 10.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -39,7 +41,9 @@ from SAMFewshotLib.metrics import dice  # noqa: E402
 
 
 APPLY = ("atlas", "decoder")  # apply_adapted_model's methods: the default first
+AS_WARPED = ", labels as warped"  # the atlas's labels without the intensity refinement (the ablation)
 FUSED = "atlases of all other cases"  # with 3 or more cases: every other case's atlas, fused by vote
+METHODS = (APPLY[0], APPLY[0] + AS_WARPED) + APPLY[1:] + (FUSED, FUSED + AS_WARPED)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -103,10 +107,14 @@ def main(argv=None) -> int:
                     if target.id == source.id:
                         continue
                     _, target_image, target_ref = loaded[target.id]
-                    for method in APPLY:
+                    for method in METHODS[:3]:
                         started = time.perf_counter()
-                        labels = apply_adapted_model(adapted, target_image, model=model, cache_dir=args.cache_dir,
-                                                     method=method) > 0
+                        if method.endswith(AS_WARPED):
+                            labels = segment_with_atlases(adapted.atlases, target_image, refine=False,
+                                                          seed=int(adapted.settings.get("seed", 0))) > 0
+                        else:
+                            labels = apply_adapted_model(adapted, target_image, model=model,
+                                                         cache_dir=args.cache_dir, method=method) > 0
                         row = {"dataset": dataset, "structure": structure, "k": k, "method": method,
                                "source": source.name, "target": target.name, "dice": dice(labels, target_ref),
                                "dice_largest_component": dice(largest_component(labels), target_ref),
@@ -118,19 +126,21 @@ def main(argv=None) -> int:
                               f"{row['within_volume_dice']:.3f})", flush=True)
             if len(cases) < 3:
                 continue
-            for target in cases:  # what 'samfewshot train' on all the other cases gives: their atlases vote
+            for target, method in itertools.product(cases, METHODS[3:]):
+                # what 'samfewshot train' on all the other cases gives: their atlases vote
                 _, target_image, target_ref = loaded[target.id]
                 others = [c for c in cases if c.id != target.id]
                 started = time.perf_counter()
-                labels = segment_with_atlases([atlases[c.id] for c in others], target_image) > 0
-                row = {"dataset": dataset, "structure": structure, "k": k, "method": FUSED, "source": "the others",
+                labels = segment_with_atlases([atlases[c.id] for c in others], target_image,
+                                              refine=not method.endswith(AS_WARPED)) > 0
+                row = {"dataset": dataset, "structure": structure, "k": k, "method": method, "source": "the others",
                        "target": target.name, "dice": dice(labels, target_ref),
                        "dice_largest_component": dice(largest_component(labels), target_ref),
                        "within_volume_dice": within.get((dataset, target.name, structure), float("nan")),
                        "adapt_seconds": sum(seconds[c.id] for c in others),
                        "apply_seconds": time.perf_counter() - started}
                 rows.append(row)
-                print(f"{dataset} k={k} {FUSED} -> {target.name}: Dice {row['dice']:.3f}", flush=True)
+                print(f"{dataset} k={k} {method} -> {target.name}: Dice {row['dice']:.3f}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out.with_suffix(".csv"), "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -144,7 +154,7 @@ def main(argv=None) -> int:
              "|---|---|---|---|---|---|---|---|---|"]
     for dataset in sorted({r["dataset"] for r in rows}):
         for k in args.ks:
-            for method in APPLY + (FUSED,):
+            for method in METHODS:
                 subset = [r for r in rows if r["dataset"] == dataset and r["k"] == k and r["method"] == method]
                 if not subset:
                     continue
