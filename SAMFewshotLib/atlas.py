@@ -6,8 +6,8 @@ source volume's own segmentation, moved onto the target by registering the two i
 shape and place: an affine registration (Mattes mutual information, so any two MRI or CT contrasts) followed
 by a deformable one (symmetric-forces demons on the affinely aligned, histogram-matched images), and the
 source labels warped by the result. With several source volumes each is registered and the warped labels
-vote. On the same pairs one source gave 0.81 and 0.79, three hippocampus sources voting 0.84. The fused labels'
-borders are then refined with the target's own intensities (``label_refinement.py``).
+vote. On the same pairs one source gave 0.81 and 0.79, three hippocampus sources voting 0.84; with the fused
+labels' borders then refined by the target's own intensities (``label_refinement.py``) 0.83, 0.82 and 0.85.
 
 An atlas is the source image (intensities standardised, float16) with its label map on the same grid, shrunk
 to at most ``MAX_VOXELS`` voxels so that a saved model stays small. Both volumes should show the same region

@@ -423,7 +423,7 @@ def apply_adapted_model(
     ``method``: "atlas" registers the model's atlases onto ``image`` (``atlas.segment_with_atlases``);
     "decoder" runs the adapted decoder on every slice (the paper's cross-volume use); "auto": the atlases if
     the model holds any. Across patients the atlases did far better on the development MRI (mean Dice at
-    k = 10: hippocampus 0.45 -> 0.81, left atrium 0.09 -> 0.79; docs/benchmarks.md).
+    k = 10: hippocampus 0.45 -> 0.83, left atrium 0.09 -> 0.82 with their borders refined; docs/benchmarks.md).
     """
     check_volume(image)
     if applies_atlases(adapted, method):
