@@ -46,9 +46,9 @@ def refine_by_intensity(labels: np.ndarray, image: Volume) -> np.ndarray:
     for value in values:
         mask = labels == value
         found = _posterior(mask, intensities, spacing)
-        if found is None:
-            claimed = mask & (best <= 0.5)
-            out[claimed] = value
+        if found is None:  # kept as registered, and not given up to a neighbour's refinement
+            out[mask] = value
+            best[mask] = 1.0
             continue
         box, posterior = found
         wins = posterior > best[box]

@@ -9,8 +9,8 @@ the dataset, no painting of the target (``apply_adapted_model``, what ``samfewsh
 ``atlas`` (the default: the segmented source registered onto the target, its border refined with the target's
 intensities; ``labels as warped``: without that refinement) and ``decoder`` (the adapted decoder on every
 slice); with three or more cases, also with the atlases of all the other cases fused (what ``samfewshot
-train`` on all of them gives), refined or not. Dice is taken over the whole target volume, as is and keeping only its largest 3D connected
-component. The within-volume Dice of the default method on the target (from
+train`` on all of them gives), refined or not. Dice is taken over the whole target volume, as is and keeping
+only its largest 3D connected component. The within-volume Dice of the default method on the target (from
 ``benchmarks/results/within_volume.csv``, same k) is the reference point: issue #5 asks for cross-volume
 within 0.05 of it at k = 10.
 

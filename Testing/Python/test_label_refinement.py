@@ -13,7 +13,8 @@ from SAMFewshotLib.volume_io import Volume
 
 @pytest.mark.parametrize("misplaced", ["moved", "shrunk"])
 def test_a_misplaced_border_goes_back_to_where_the_ct_shows_it(sample_image, sample_reference, misplaced):
-    """What another patient's registration leaves: the organs 6 mm off, or 6 mm short of their border."""
+    """What another patient's registration leaves: the organs moved 6 mm (2 voxels) along each axis, or 6 mm
+    short of their border."""
     if misplaced == "moved":
         rough = np.roll(sample_reference, (0, 2, 2), (0, 1, 2))
     else:
@@ -21,7 +22,8 @@ def test_a_misplaced_border_goes_back_to_where_the_ct_shows_it(sample_image, sam
     refined = refine_by_intensity(rough, sample_image)
     assert refined.dtype == rough.dtype
     for value in (1, 2):
-        before, after = dice(rough == value, sample_reference == value), dice(refined == value, sample_reference == value)
+        truth = sample_reference == value
+        before, after = dice(rough == value, truth), dice(refined == value, truth)
         assert after >= before + 0.05, f"label {value}: {before:.3f} -> {after:.3f}"
 
 
@@ -55,3 +57,6 @@ def test_nothing_to_refine_is_left_as_it_is():
     speck = np.zeros_like(ball)
     speck[20:23, 20:23, 20:23] = 4  # too few voxels for an intensity histogram
     np.testing.assert_array_equal(refine_by_intensity(speck, image), speck)
+    beside = ball.copy()  # and a neighbour's refinement does not take it over
+    beside[20:23, 20:23, 20:23] = 4
+    assert (refine_by_intensity(beside, image)[20:23, 20:23, 20:23] == 4).all()
