@@ -20,6 +20,8 @@ mask, rounded slightly where the smoothing meets sharp corners.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from scipy import ndimage
 
@@ -31,6 +33,7 @@ HISTOGRAM_BINS = 64
 HISTOGRAM_SMOOTHING = 1.5  # bins
 POSTERIOR_SMOOTHING = 0.5  # voxels: a single voxel's noise does not flip it
 MIN_VOXELS = 64  # a structure with fewer voxels inside than this keeps its mask (too few for a histogram)
+SAMPLED_VOXELS = 2_000_000  # the histograms are sampled on a coarser grid in a box larger than this
 
 
 def refine_by_intensity(labels: np.ndarray, image: Volume) -> np.ndarray:
@@ -40,12 +43,11 @@ def refine_by_intensity(labels: np.ndarray, image: Volume) -> np.ndarray:
     if not values:
         return labels
     spacing = np.asarray(image.spacing, float)[::-1]  # (K, J, I) order
-    intensities = np.asarray(image.array, np.float32)
     best = np.full(labels.shape, 0.5, np.float32)  # a label needs a posterior above one half
     out = np.zeros_like(labels)
     for value in values:
         mask = labels == value
-        found = _posterior(mask, intensities, spacing)
+        found = _posterior(mask, image.array, spacing)
         if found is None:  # kept as registered, and not given up to a neighbour's refinement
             out[mask] = value
             best[mask] = 1.0
@@ -64,25 +66,44 @@ def _posterior(mask: np.ndarray, intensities: np.ndarray, spacing: np.ndarray):
     corners = np.argwhere(mask)
     box = tuple(slice(max(int(lo) - r, 0), min(int(hi) + r + 1, n))
                 for lo, hi, r, n in zip(corners.min(0), corners.max(0), reach, mask.shape))
-    inside, picture = mask[box], intensities[box]
+    inside, picture = mask[box], np.asarray(intensities[box], np.float32)
+    histograms = _histograms(inside, picture, spacing, radius)
+    if histograms is None:
+        return None
+    posterior = np.clip(ndimage.gaussian_filter(inside.astype(np.float32), PRIOR_SMOOTHING * radius / spacing),
+                        1e-3, 1 - 1e-3)  # the prior, turned into the posterior where the intensities matter:
+    # only where the prior is undecided (a large organ's box holds tens of millions of voxels; most keep it)
+    border = (posterior > 1e-3) & (posterior < 1 - 1e-3)
+    bins = np.clip(np.searchsorted(histograms.edges, picture[border], side="right") - 1, 0, HISTOGRAM_BINS - 1)
+    inside_likelihood, ring_likelihood = histograms.inside[bins], histograms.ring[bins]
+    prior = posterior[border]
+    posterior[border] = prior * inside_likelihood / (prior * inside_likelihood + (1 - prior) * ring_likelihood)
+    return box, ndimage.gaussian_filter(posterior, POSTERIOR_SMOOTHING)
+
+
+class _Histograms(NamedTuple):
+    edges: np.ndarray
+    inside: np.ndarray  # probability of each bin inside the structure
+    ring: np.ndarray  # and in the ring around it
+
+
+def _histograms(inside: np.ndarray, picture: np.ndarray, spacing: np.ndarray, radius: float) -> _Histograms | None:
+    """The intensities' histograms inside the structure and in the ring around it, or None where either holds
+    too few voxels. Both are sampled on a grid of at most about ``SAMPLED_VOXELS`` voxels."""
+    stride = max(1, int(np.ceil((inside.size / SAMPLED_VOXELS) ** (1.0 / 3.0))))
+    inside, picture = inside[::stride, ::stride, ::stride], picture[::stride, ::stride, ::stride]
     core = ndimage.binary_erosion(inside)  # the registered border itself is uncertain
-    ring = ~inside & (ndimage.distance_transform_edt(~inside, sampling=spacing) <= RING * radius)
+    ring = ~inside & (ndimage.distance_transform_edt(~inside, sampling=spacing * stride) <= RING * radius)
     if core.sum() < MIN_VOXELS or ring.sum() < MIN_VOXELS:
         return None
-    sample = np.concatenate([picture[core], picture[ring]])
-    low, high = np.percentile(sample, [1, 99])
+    low, high = np.percentile(np.concatenate([picture[core], picture[ring]]), [1, 99])
     if not high > low:
         return None
     edges = np.linspace(low, high, HISTOGRAM_BINS + 1)
-    bins = np.clip(np.searchsorted(edges, picture, side="right") - 1, 0, HISTOGRAM_BINS - 1)
-    likelihood = [_density(picture[part], edges)[bins] for part in (core, ring)]
-    prior = np.clip(ndimage.gaussian_filter(inside.astype(np.float32), PRIOR_SMOOTHING * radius / spacing),
-                    1e-3, 1 - 1e-3)
-    posterior = prior * likelihood[0] / (prior * likelihood[0] + (1 - prior) * likelihood[1])
-    return box, ndimage.gaussian_filter(posterior.astype(np.float32), POSTERIOR_SMOOTHING)
+    return _Histograms(edges, _density(picture[core], edges), _density(picture[ring], edges))
 
 
 def _density(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     counts, _ = np.histogram(np.clip(values, edges[0], edges[-1]), edges)
     density = ndimage.gaussian_filter1d(counts / max(len(values), 1), HISTOGRAM_SMOOTHING)
-    return density + 1e-3 / len(density)  # an intensity never seen on one side is unlikely, not impossible
+    return (density + 1e-3 / len(density)).astype(np.float32)  # never seen on one side: unlikely, not impossible
