@@ -105,7 +105,10 @@ def segment_with_atlases(atlases: Sequence[Atlas], target: Volume, *, seed: int 
     chosen = np.take_along_axis(votes, best[None], 0)[0]
     majority = (chosen > 0) & (chosen * 2 >= len(atlases))
     out[majority] = np.asarray(values)[best[majority]]
-    return refine_by_intensity(out, target) if refine else out
+    if not refine:
+        return out
+    check_cancel(cancel)
+    return refine_by_intensity(out, target)
 
 
 def _image(array: np.ndarray, geometry: Volume | Atlas) -> sitk.Image:
