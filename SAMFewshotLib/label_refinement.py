@@ -10,7 +10,7 @@ voxel near the border takes the label if
 with the prior the label's mask smoothed over an eighth of the structure's radius: deep inside or far outside
 the registered mask the prior decides, near its border the intensities do. Measured on the development MRI
 with reference masks as atlases (one atlas per target, 2026-12-04): hippocampus 0.806 -> 0.828 mean Dice
-over 4 pairs, left atrium 0.790 -> 0.823 over 2; three hippocampus atlases voting 0.841 -> 0.849. In
+over 4 pairs, left atrium 0.790 -> 0.823 over 2; three hippocampus atlases voting 0.841 -> 0.847. In
 ``benchmarks/cross_volume.py`` (atlases segmented from 10 painted slices): 0.813 -> 0.830, 0.788 -> 0.822 and
 0.845 -> 0.846. It is not used within a volume: there the border between painted slices is already right to
 about a voxel, and the intensities pulled it away (fill between painted slices, k = 5: 0.923 -> 0.919 on the CT).
