@@ -42,18 +42,19 @@ SAMPLED_VOXELS = 2_000_000  # the histograms are sampled on a coarser grid in a 
 def refine_by_intensity(labels: np.ndarray, image: Volume) -> np.ndarray:
     """``labels`` (K, J, I, on ``image``'s grid) with each label's border moved to where ``image``'s intensities
     put it; a voxel claimed by two labels takes the more probable one."""
-    values = [int(v) for v in np.unique(labels) if v != 0]
-    if not values:
-        return labels
     spacing = np.asarray(image.spacing, float)[::-1]  # (K, J, I) order
-    best = np.full(labels.shape, 0.5, np.float32)  # a label needs a posterior above one half
+    best = None  # a label needs a posterior above one half, and above any other label's
     out = np.zeros_like(labels)
-    for value in values:
-        mask = labels == value
-        found = _posterior(mask, image.array, spacing)
+    # one pass over the volume for every label's box: a label is then handled inside its box only
+    for value, tight in enumerate(ndimage.find_objects(labels), start=1):
+        if tight is None:
+            continue
+        best = np.full(labels.shape, 0.5, np.float32) if best is None else best
+        found = _posterior(labels, value, tight, image.array, spacing)
         if found is None:  # kept as registered, and not given up to a neighbour's refinement
-            out[mask] = value
-            best[mask] = 1.0
+            kept = labels[tight] == value
+            out[tight][kept] = value
+            best[tight][kept] = 1.0
             continue
         box, posterior = found
         wins = posterior > best[box]
@@ -62,14 +63,16 @@ def refine_by_intensity(labels: np.ndarray, image: Volume) -> np.ndarray:
     return out
 
 
-def _posterior(mask: np.ndarray, intensities: np.ndarray, spacing: np.ndarray):
-    """(box, posterior of the label in the box), or None where the structure is too small to refine."""
-    radius = (3.0 * mask.sum() * float(np.prod(spacing)) / (4.0 * np.pi)) ** (1.0 / 3.0)  # mm
+def _posterior(labels: np.ndarray, value: int, tight: tuple[slice, ...], intensities: np.ndarray,
+               spacing: np.ndarray):
+    """(box, posterior of label ``value`` in the box around its bounding box ``tight``), or None where the
+    structure is too small to refine."""
+    count = int(np.count_nonzero(labels[tight] == value))
+    radius = (3.0 * count * float(np.prod(spacing)) / (4.0 * np.pi)) ** (1.0 / 3.0)  # mm
     reach = np.ceil((RING + 3 * PRIOR_SMOOTHING) * radius / spacing).astype(int) + 2
-    corners = np.argwhere(mask)
-    box = tuple(slice(max(int(lo) - r, 0), min(int(hi) + r + 1, n))
-                for lo, hi, r, n in zip(corners.min(0), corners.max(0), reach, mask.shape))
-    inside, picture = mask[box], np.asarray(intensities[box], np.float32)
+    box = tuple(slice(max(edge.start - r, 0), min(edge.stop + r, n))
+                for edge, r, n in zip(tight, reach, labels.shape))
+    inside, picture = labels[box] == value, np.asarray(intensities[box], np.float32)
     histograms = _histograms(inside, picture, spacing, radius)
     if histograms is None:
         return None
