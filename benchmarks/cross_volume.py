@@ -40,10 +40,11 @@ from within_volume import CT_DATASETS, find_cases, machine_text, paint  # noqa: 
 from SAMFewshotLib.metrics import dice  # noqa: E402
 
 
-APPLY = ("atlas", "decoder")  # apply_adapted_model's methods: the default first
 AS_WARPED = ", labels as warped"  # the atlas's labels without the intensity refinement (the ablation)
+# one source: apply_adapted_model's methods (the default first), and the atlas as warped
+ONE_SOURCE = ("atlas", "atlas" + AS_WARPED, "decoder")
 FUSED = "atlases of all other cases"  # with 3 or more cases: every other case's atlas, fused by vote
-METHODS = (APPLY[0], APPLY[0] + AS_WARPED) + APPLY[1:] + (FUSED, FUSED + AS_WARPED)
+ALL_OTHERS = (FUSED, FUSED + AS_WARPED)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
                     if target.id == source.id:
                         continue
                     _, target_image, target_ref = loaded[target.id]
-                    for method in METHODS[:3]:
+                    for method in ONE_SOURCE:
                         started = time.perf_counter()
                         if method.endswith(AS_WARPED):
                             labels = segment_with_atlases(adapted.atlases, target_image, refine=False,
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
                               f"{row['within_volume_dice']:.3f})", flush=True)
             if len(cases) < 3:
                 continue
-            for target, method in itertools.product(cases, METHODS[3:]):
+            for target, method in itertools.product(cases, ALL_OTHERS):
                 # what 'samfewshot train' on all the other cases gives: their atlases vote
                 _, target_image, target_ref = loaded[target.id]
                 others = [c for c in cases if c.id != target.id]
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
              "|---|---|---|---|---|---|---|---|---|"]
     for dataset in sorted({r["dataset"] for r in rows}):
         for k in args.ks:
-            for method in METHODS:
+            for method in ONE_SOURCE + ALL_OTHERS:
                 subset = [r for r in rows if r["dataset"] == dataset and r["k"] == k and r["method"] == method]
                 if not subset:
                     continue
