@@ -26,7 +26,7 @@ from .painted_slices import PaintedSlices, find_painted_slices, numpy_axis_for
 from .spatial import WalkReport, keep_components_linked_to_painted, walk_beyond_painted
 from .prompt_propagation import prompt_walk_beyond_painted, resemblance_threshold
 from .propagation import paste_painted, predict_probabilities, probabilities_to_labels
-from .registered_fill import GapReport, fill_between_by_registration, normalised_intensities, redraw_beyond_painted
+from .registered_fill import GapFillCache, GapReport, fill_between_by_registration, redraw_beyond_painted
 from .volume_io import Volume, check_volume, label_dtype
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -90,6 +90,12 @@ class Adaptation:
     window: IntensityWindow
     losses: list[float]
     timings: dict[str, float]
+    # registration between painted slices on this volume, shared with the adaptations that re-propagate it
+    fill_cache: GapFillCache | None = None
+
+    def __post_init__(self):
+        if self.fill_cache is None:
+            self.fill_cache = GapFillCache(self.embeddings.slices)
 
 
 def adapt_to_painted(
@@ -129,11 +135,11 @@ def adapt_to_painted(
     loaded = time.perf_counter()
     embeddings = VolumeEmbeddings(sam, image, painted.axis, window=window, cache_dir=cache_dir,
                                   progress=progress, cancel=cancel)
-    initial = None
+    initial, fill_cache = None, None
     if previous is not None and previous.embeddings.key == embeddings.key:
         embeddings = previous.embeddings  # already holds the slices encoded so far
         embeddings.progress, embeddings.cancel = progress, cancel
-        initial = previous.decoders
+        initial, fill_cache = previous.decoders, previous.fill_cache
     encoded_before = embeddings.encode_seconds  # a reused embeddings object has encoded before
     label_stack = slice_stack(labels, painted.axis)
     support = Support(embeddings, painted.indices, label_stack[list(painted.indices)])
@@ -148,7 +154,8 @@ def adapt_to_painted(
     encode_seconds = embeddings.encode_seconds - encoded_before
     timings = {"load": loaded - started, "adapt": time.perf_counter() - loaded - encode_seconds,
                "encode": encode_seconds}
-    return Adaptation(sam, painted, embeddings, label_stack, decoders, targets, settings, window, losses, timings)
+    return Adaptation(sam, painted, embeddings, label_stack, decoders, targets, settings, window, losses, timings,
+                      fill_cache)
 
 
 def propagate(
@@ -284,9 +291,9 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
 
     gaps, intensities = [], None
     if register:
-        intensities = normalised_intensities(embeddings.slices)
+        intensities = adaptation.fill_cache.intensities
         result, gaps = fill_between_by_registration(embeddings.slices, label_stack, settled, interpolated,
-                                                    progress=progress, cancel=cancel, intensities=intensities)
+                                                    progress=progress, cancel=cancel, cache=adaptation.fill_cache)
         result = result.astype(dtype)
     else:
         result = interpolated()

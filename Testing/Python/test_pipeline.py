@@ -198,6 +198,7 @@ def test_repropagation_after_painting_one_more_slice_continues_from_the_previous
     result = segment_volume(sample_image, corrected, model=model, cache_dir=cache_dir, previous=previous)
     assert result.painted.indices == tuple(sorted(PAINTED_SLICES + (extra,)))
     assert result.adaptation.embeddings is previous.embeddings  # embeddings reused from memory
+    assert result.adaptation.fill_cache is previous.fill_cache  # and the unchanged gaps' registration
     assert previous.embeddings.encoded_slices - encoded_before <= 1  # at most the newly painted slice
     passes = AdaptationSettings().refine_passes(len(result.painted.indices))
     assert passes < AdaptationSettings().iterations_for(len(result.painted.indices))

@@ -11,7 +11,9 @@ from scipy import ndimage
 from conftest import dice
 from SAMFewshotLib.baselines import fill_between_slices
 from SAMFewshotLib.errors import Cancelled
-from SAMFewshotLib.registered_fill import fill_between_by_registration, normalised_intensities, redraw_beyond_painted
+from SAMFewshotLib import registered_fill
+from SAMFewshotLib.registered_fill import (GapFillCache, fill_between_by_registration, normalised_intensities,
+                                             redraw_beyond_painted)
 
 SLICES, SIZE = 21, 64
 
@@ -207,3 +209,36 @@ def test_walked_slices_are_redrawn_by_registration_from_the_painted_end():
     elsewhere = [z for z in range(SLICES) if z not in walked + painted]
     assert not np.any(result[elsewhere] == 1)
     np.testing.assert_array_equal(result[painted][0][~other], labels[painted][0][~other])
+
+
+
+def test_re_propagation_registers_only_the_gaps_a_correction_changed(monkeypatch):
+    """The user paints one more slice in one gap and propagates again: the other gap comes from the cache,
+    and the result is what a fill from scratch gives."""
+    image, truth = curving_vessel()
+    labels = np.zeros(truth.shape, np.uint8)
+    labels[[0, 10, 20]] = truth[[0, 10, 20]]
+    interpolated = fill_between_slices(labels, 0)
+    registered = []
+    original = registered_fill.fill_gap
+    monkeypatch.setattr(registered_fill, "fill_gap", lambda *args: registered.append(args[3:5]) or original(*args))
+    cache = GapFillCache(image)
+    fill_between_by_registration(image, labels, [0, 10, 20], interpolated, cache=cache)
+    assert registered == [(0, 10), (10, 20)]
+
+    labels[15] = truth[15]  # one more slice painted
+    registered.clear()
+    again, _ = fill_between_by_registration(image, labels, [0, 10, 15, 20], interpolated, cache=cache)
+    assert registered == [(10, 15), (15, 20)]
+    fresh, _ = fill_between_by_registration(image, labels, [0, 10, 15, 20], interpolated)
+    np.testing.assert_array_equal(again, fresh)
+    assert dice(again[1:20] == 1, truth[1:20]) >= 0.85
+
+    labels[10] = ndimage.binary_dilation(truth[10])  # a painted slice redrawn: both its gaps change
+    registered.clear()
+    fill_between_by_registration(image, labels, [0, 10, 15, 20], interpolated, cache=cache)
+    assert registered == [(0, 10), (10, 15)]
+    labels[10] = truth[10]  # and undone: only the latest fill's gaps were kept
+    registered.clear()
+    fill_between_by_registration(image, labels, [0, 10, 15, 20], interpolated, cache=cache)
+    assert registered == [(0, 10), (10, 15)]
