@@ -102,7 +102,6 @@ class NormalisedSlices:
 
     def __init__(self, slices: np.ndarray):
         self._slices = slices
-        self.shape = slices.shape
         self.low, self.high = np.percentile(np.asarray(slices, dtype=np.float32), [0.5, 99.5])
 
     def __getitem__(self, key) -> np.ndarray:
