@@ -211,7 +211,6 @@ def test_walked_slices_are_redrawn_by_registration_from_the_painted_end():
     np.testing.assert_array_equal(result[painted][0][~other], labels[painted][0][~other])
 
 
-
 def test_re_propagation_registers_only_the_gaps_a_correction_changed(monkeypatch):
     """The user paints one more slice in one gap and propagates again: the other gap comes from the cache,
     and the result is what a fill from scratch gives."""
