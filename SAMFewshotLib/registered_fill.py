@@ -109,11 +109,6 @@ class NormalisedSlices:
         return np.clip((values - self.low) / max(float(self.high - self.low), 1e-6), 0.0, 1.0).astype(np.float32)
 
 
-def normalised_intensities(slices: np.ndarray) -> np.ndarray:
-    """``NormalisedSlices`` of the whole stack, as one array."""
-    return NormalisedSlices(slices)[...]
-
-
 def signed_distance(mask: np.ndarray) -> np.ndarray:
     """Positive inside, negative outside, in pixels."""
     if not mask.any():
@@ -184,7 +179,7 @@ class _RegistrationGrid:
         return resize(array, array.shape[:-2] + self.small, order=1, preserve_range=True, anti_aliasing=True
                       ).astype(np.float32)
 
-    def region(self, intensities: np.ndarray | NormalisedSlices, first: int, last: int) -> np.ndarray:
+    def region(self, intensities: NormalisedSlices, first: int, last: int) -> np.ndarray:
         """Slices ``first`` to ``last`` (inclusive) of the crop, on the registration's grid."""
         return self.shrink(intensities[first:last + 1, self.window[0], self.window[1]])
 
@@ -195,8 +190,8 @@ class _RegistrationGrid:
         return resize(distance, self.crop_shape, order=1, preserve_range=True, anti_aliasing=False) > 0
 
 
-def fill_gap(intensities: np.ndarray | NormalisedSlices, below_mask: np.ndarray, above_mask: np.ndarray, below: int,
-             above: int) -> tuple[dict[int, np.ndarray], float, bool]:
+def fill_gap(intensities: NormalisedSlices, below_mask: np.ndarray, above_mask: np.ndarray, below: int, above: int
+             ) -> tuple[dict[int, np.ndarray], float, bool]:
     """Masks on the slices strictly between ``below`` and ``above`` from the two registration chains.
 
     Returns:
@@ -234,16 +229,17 @@ class GapFillCache:
     This keeps the normalised intensities and each gap's fill, keyed by its painted slices and their masks,
     so the other gaps are not registered again. On a 512 x 512 x 300 CT with 5 painted liver slices and one
     added (benchmarks/speed.py's case), the propagation after adaptation took 6.1 s instead of 17.8 s, with the
-    same labels. Only the gaps of the latest fill are kept.
+    same labels. Only the gaps of the latest fill are kept (``forget_unused``).
     """
 
-    def __init__(self, slices: np.ndarray, intensities: np.ndarray | NormalisedSlices | None = None):
+    def __init__(self, slices: np.ndarray):
         self._slices = slices
-        self._intensities = intensities
+        self._intensities = None
         self._gaps: dict[tuple, tuple[dict[int, np.ndarray], tuple[int, int], float, bool]] = {}
+        self._used: set[tuple] = set()  # the gaps asked for since the last ``forget_unused``
 
     @property
-    def intensities(self) -> np.ndarray | NormalisedSlices:
+    def intensities(self) -> NormalisedSlices:
         """The slices' ``NormalisedSlices``."""
         if self._intensities is None:
             self._intensities = NormalisedSlices(self._slices)
@@ -252,7 +248,8 @@ class GapFillCache:
     def fill_gap(self, below_mask: np.ndarray, above_mask: np.ndarray, below: int, above: int
                  ) -> tuple[dict[int, np.ndarray], float, bool]:
         """``fill_gap`` on these slices, from the cache where this gap was filled before."""
-        key = self.key(below_mask, above_mask, below, above)
+        key = (below, above, _digest(below_mask), _digest(above_mask))
+        self._used.add(key)
         if key not in self._gaps:
             masks, reach, moved = fill_gap(self.intensities, below_mask, above_mask, below, above)
             # bits, not bytes: a large organ's gaps on 512 x 512 slices would otherwise hold tens of MB
@@ -262,13 +259,10 @@ class GapFillCache:
         masks = {i: np.unpackbits(bits, count=count).reshape(shape).astype(bool) for i, bits in packed.items()}
         return masks, reach, moved
 
-    @staticmethod
-    def key(below_mask: np.ndarray, above_mask: np.ndarray, below: int, above: int) -> tuple:
-        return (below, above, _digest(below_mask), _digest(above_mask))
-
-    def keep_only(self, keys: set[tuple]) -> None:
-        """Forget every gap but these (the gaps of the latest fill)."""
-        self._gaps = {key: value for key, value in self._gaps.items() if key in keys}
+    def forget_unused(self) -> None:
+        """Keep only the gaps asked for since the last call (those of the latest fill)."""
+        self._gaps = {key: value for key, value in self._gaps.items() if key in self._used}
+        self._used = set()
 
 
 def _digest(mask: np.ndarray) -> bytes:
@@ -283,7 +277,6 @@ def fill_between_by_registration(
     *,
     progress: Callable[[str, int, int], None] | None = None,
     cancel: threading.Event | None = None,
-    intensities: np.ndarray | NormalisedSlices | None = None,
     cache: GapFillCache | None = None,
 ) -> tuple[np.ndarray, list[GapReport]]:
     """Fill every label between its painted slices by registration, falling back to ``interpolated``.
@@ -296,14 +289,13 @@ def fill_between_by_registration(
             used for a gap the registration cannot fill (see the module docstring); or a function returning
             it, called only if some gap needs it (loading ITK's interpolator alone takes ~10 s).
         progress: called with ("registering", gaps done, gaps) after each gap; ``cancel`` is checked before each.
-        intensities: ``NormalisedSlices(slices)`` (or the array) if the caller has it already.
         cache: the previous propagation's registration results on these slices (``GapFillCache``): gaps
             whose painted masks are unchanged are taken from it, and it keeps this fill's gaps.
     Returns:
         The filled label stack (painted slices unchanged; where labels overlap, the smaller value wins, as in
         contour interpolation) and a report per gap.
     """
-    cache = GapFillCache(slices, intensities) if cache is None else cache
+    cache = GapFillCache(slices) if cache is None else cache
     painted = sorted(set(int(i) for i in painted_indices))
     result = np.zeros_like(labels)
     result[painted] = labels[painted]
@@ -328,12 +320,11 @@ def fill_between_by_registration(
             result[index][mask & (result[index] == 0)] = value
         if progress:
             progress("registering", done + 1, len(gaps))
-    cache.keep_only({cache.key(labels[below] == value, labels[above] == value, below, above)
-                     for value, below, above in gaps})
+    cache.forget_unused()
     return result, reports
 
 
-def redraw_beyond_painted(intensities: np.ndarray | NormalisedSlices, result: np.ndarray, labels: np.ndarray,
+def redraw_beyond_painted(intensities: NormalisedSlices, result: np.ndarray, labels: np.ndarray,
                           painted_indices: Sequence[int], value: int, walked: Sequence[int]) -> None:
     """Redraw label ``value`` on the slices a walk beyond its painted range wrote (``walked``), in place: the
     outermost painted mask on that side carried slice by slice by registration, as between painted slices.
@@ -344,7 +335,7 @@ def redraw_beyond_painted(intensities: np.ndarray | NormalisedSlices, result: np
     docs/benchmarks.md). A slice where the carried mask vanishes keeps the walk's outline.
 
     Args:
-        intensities: ``NormalisedSlices`` of the slices (or the array, ``normalised_intensities``).
+        intensities: ``NormalisedSlices`` of the slices.
         result: (N, rows, cols) the label stack the walk wrote into.
         labels: (N, rows, cols) the user's labels (non-zero only on painted slices); ``painted_indices`` the
             painted slices.

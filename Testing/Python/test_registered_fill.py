@@ -12,7 +12,7 @@ from conftest import dice
 from SAMFewshotLib.baselines import fill_between_slices
 from SAMFewshotLib.errors import Cancelled
 from SAMFewshotLib import registered_fill
-from SAMFewshotLib.registered_fill import (GapFillCache, fill_between_by_registration, normalised_intensities,
+from SAMFewshotLib.registered_fill import (GapFillCache, NormalisedSlices, fill_between_by_registration,
                                              redraw_beyond_painted)
 
 SLICES, SIZE = 21, 64
@@ -201,7 +201,7 @@ def test_walked_slices_are_redrawn_by_registration_from_the_painted_end():
         result[z][disk(row + 3, col - 3, 3)] = 1
     walk = dice(result[walked] == 1, truth[walked])
 
-    redraw_beyond_painted(normalised_intensities(image), result, labels, painted, 1, walked)
+    redraw_beyond_painted(NormalisedSlices(image), result, labels, painted, 1, walked)
 
     redrawn = dice(result[walked] == 1, truth[walked])
     assert walk <= 0.5 and redrawn >= 0.85, f"walk's outline Dice {walk:.3f}, redrawn {redrawn:.3f}"
