@@ -21,7 +21,8 @@ distance is clipped to ``OUTSIDE_CLIP`` before the blend, so the chain that lack
 by how far away its own mask lies.
 
 A demons step follows a boundary that moves a few pixels between slices, not a thin structure that moves
-further than its own width (a vessel crossing thick slices obliquely, a bowel loop, the sacrum's edge). Where
+further than its own width from one slice to the next (a vessel crossing thick slices obliquely, a vertebra's
+or the sacrum's thin processes; these gained most on the development data). Where
 the chains reproduce the far painted masks poorly (mean Dice below ``RETRY_BELOW``), the gap is registered
 again coarse to fine, each step first on slices shrunk by ``COARSE_SHRINK`` and then at full resolution from
 there, and the chains that reach the far painted masks better are kept. Coarse to fine everywhere was better
