@@ -55,6 +55,7 @@ import hashlib
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -221,18 +222,31 @@ class _RegistrationGrid:
         return resize(distance, self.crop_shape, order=1, preserve_range=True, anti_aliasing=False) > 0
 
 
+class _Chains(NamedTuple):
+    """The two chains of a gap: slice offset in the gap -> warped signed distance, up from the painted slice below
+    and down from the one above; the reach of each (Dice with the painted mask at its far end); whether either
+    moved its painted mask at all (see ``STILL``)."""
+
+    up: dict[int, np.ndarray]
+    down: dict[int, np.ndarray]
+    reach_up: float
+    reach_down: float
+    moved: bool
+
+    @property
+    def reach(self) -> float:
+        return 0.5 * (self.reach_up + self.reach_down)
+
+
 def _chains(grid: _RegistrationGrid, region: np.ndarray, below_mask: np.ndarray, above_mask: np.ndarray,
-            coarse_first: bool) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], float, float, bool]:
-    """The two chains of a gap (``region``'s first and last slice are the painted ones): (up from below, down from
-    above, reach of each at the far end, whether either moved its painted mask at all, see ``STILL``)."""
+            coarse_first: bool) -> _Chains:
+    """The two chains of a gap whose first and last slice of ``region`` are the painted ones."""
     window, last = grid.window, region.shape[0] - 1
     up = carry_along(region, 0, last, grid.shrink(signed_distance(below_mask[window])), coarse_first=coarse_first)
     down = carry_along(region, last, 0, grid.shrink(signed_distance(above_mask[window])), coarse_first=coarse_first)
     up_end, down_end = grid.on_crop(up[last]), grid.on_crop(down[0])
-    reach_up = _dice(up_end, above_mask[window])
-    reach_down = _dice(down_end, below_mask[window])
     moved = min(_dice(up_end, below_mask[window]), _dice(down_end, above_mask[window])) < STILL
-    return up, down, reach_up, reach_down, moved
+    return _Chains(up, down, _dice(up_end, above_mask[window]), _dice(down_end, below_mask[window]), moved)
 
 
 def fill_gap(intensities: NormalisedSlices, below_mask: np.ndarray, above_mask: np.ndarray, below: int, above: int
@@ -245,23 +259,23 @@ def fill_gap(intensities: NormalisedSlices, below_mask: np.ndarray, above_mask: 
     """
     grid = _RegistrationGrid([below_mask, above_mask])
     region = grid.region(intensities, below, above)
-    up, down, reach_up, reach_down, moved = _chains(grid, region, below_mask, above_mask, coarse_first=False)
-    if 0.5 * (reach_up + reach_down) < RETRY_BELOW and min(grid.small) >= MIN_COARSE_SIDE:
+    chains = _chains(grid, region, below_mask, above_mask, coarse_first=False)
+    if chains.reach < RETRY_BELOW and min(grid.small) >= MIN_COARSE_SIDE:
         retry = _chains(grid, region, below_mask, above_mask, coarse_first=True)
-        if retry[2] + retry[3] > reach_up + reach_down:
-            up, down, reach_up, reach_down, moved = retry
+        if retry.reach > chains.reach:
+            chains = retry
     masks = {}
     for index in range(below + 1, above):
         # nearer chain weighs more, and so does the chain that kept hold of the structure better over the gap
         along = (index - below) / (above - below)
-        from_below, from_above = (1.0 - along) * max(reach_up, 1e-3), along * max(reach_down, 1e-3)
+        from_below, from_above = (1.0 - along) * max(chains.reach_up, 1e-3), along * max(chains.reach_down, 1e-3)
         weight = from_above / (from_below + from_above)
         mask = np.zeros(below_mask.shape, bool)
-        up_distance = np.maximum(up[index - below], -OUTSIDE_CLIP)
-        down_distance = np.maximum(down[index - below], -OUTSIDE_CLIP)
+        up_distance = np.maximum(chains.up[index - below], -OUTSIDE_CLIP)
+        down_distance = np.maximum(chains.down[index - below], -OUTSIDE_CLIP)
         mask[grid.window] = grid.on_crop((1.0 - weight) * up_distance + weight * down_distance)
         masks[index] = mask
-    return masks, 0.5 * (reach_up + reach_down), moved
+    return masks, chains.reach, chains.moved
 
 
 class GapFillCache:
