@@ -95,7 +95,7 @@ class Adaptation:
 
     def __post_init__(self):
         if self.fill_cache is None:
-            self.fill_cache = GapFillCache(self.embeddings.slices)
+            self.fill_cache = GapFillCache(self.embeddings.slices, self.embeddings.transform.pixel_spacing)
 
 
 def adapt_to_painted(

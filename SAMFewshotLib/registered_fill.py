@@ -29,6 +29,12 @@ there, and the chains that reach the far painted masks better are kept. Coarse t
 on bones and winding structures but worse on the vena cava beside the aorta (0.903 -> 0.879 at k = 5), which
 the single-resolution chains followed well; choosing by reach keeps the better of the two per gap.
 
+Slices with coarse pixels (the 3 mm development CT) are registered on a grid up to twice as fine
+(``FINE_GRID_MM``): a field smoothed over one 3 mm pixel is too stiff for a boundary that bends within a
+pixel or two (measured at ``FINE_GRID_MM``).
+The pixel spacing comes with the slices (``NormalisedSlices``, ``GapFillCache``); where it is unknown the
+slices' own grid is used.
+
 Registration can also lose the structure on the way (thin, winding or repetitive ones: colon, pancreas; a
 long tube on tiny slices). Each chain is run on to the painted slice at the other end of the gap, where the
 truth is known, and some gaps are filled by contour interpolation instead (``GapReport``):
@@ -74,6 +80,17 @@ DEMONS_SMOOTHING = 1.0
 # MAX_SIDE pixels a side (a 512 x 512 CT's liver then costs what the development CT's 3 mm slices cost)
 CROP_MARGIN = 10
 MAX_SIDE = 128
+# Slices with coarse pixels are registered on a finer grid: up to MAX_REFINE times as fine, so that its pixels
+# are at most FINE_GRID_MM (within MAX_SIDE). On the 3 mm development CT, between painted slices at k = 3 / 5 / 10
+# (benchmarks/between_painted.py, 2026-12-05), the 12 development CT structures went from 0.896 / 0.924 / 0.946
+# to 0.905 / 0.929 / 0.948 and the 13 other CT structures from 0.818 / 0.889 / 0.918 to 0.831 / 0.895 / 0.926
+# (vertebrae, sacrum, hip, iliopsoas and veins gained most). What helps is a field smoothed over 1.5 mm instead
+# of 3: on the finer grid with the smoothing doubled to the same 3 mm the gain was gone, and smoothing over half
+# a pixel on the 3 mm grid is hardly a Gaussian (worse, docs/benchmarks.md). Where pixels are 1 mm already,
+# a finer grid gained nothing (the CT resampled to 1 x 1 x 6 mm, within 0.01) or lost (the 4 hippocampus MRI
+# crops, k = 3 0.870 -> 0.862), so those grids stay as they are.
+FINE_GRID_MM = 1.5
+MAX_REFINE = 2.0
 # a chain that reproduces the painted mask at the far end of its gap with more than this Dice has kept hold of
 # the structure (more overlap than not); two painted masks with at least this Dice are alike
 TRUSTED_REACH = 0.5
@@ -118,10 +135,12 @@ class GapReport:
 class NormalisedSlices:
     """The slices' intensities scaled to 0..1 between the volume's 0.5th and 99.5th percentiles (any modality),
     computed for the part that is read: registration reads crops around the structure, and scaling a whole
-    512 x 512 x 300 CT at once took 4 s and 300 MB. Index it as the (N, rows, cols) array it stands for."""
+    512 x 512 x 300 CT at once took 4 s and 300 MB. Index it as the (N, rows, cols) array it stands for.
+    ``pixel_spacing``: (row, col) spacing of the slices in mm, if known (see ``FINE_GRID_MM``)."""
 
-    def __init__(self, slices: np.ndarray):
+    def __init__(self, slices: np.ndarray, pixel_spacing: tuple[float, float] | None = None):
         self._slices = slices
+        self.pixel_spacing = pixel_spacing
         self.low, self.high = np.percentile(np.asarray(slices, dtype=np.float32), [0.5, 99.5])
 
     def __getitem__(self, key) -> np.ndarray:
@@ -195,13 +214,15 @@ def _crop(masks: Sequence[np.ndarray]) -> tuple[slice, slice]:
 
 
 class _RegistrationGrid:
-    """A crop of the slices, shrunk to at most ``MAX_SIDE`` pixels a side for registration. Distances stay in
-    crop pixels on both grids, so that thresholding at 0 means the same everywhere."""
+    """A crop of the slices, shrunk to at most ``MAX_SIDE`` pixels a side for registration, or made finer where
+    its pixels are coarse (``FINE_GRID_MM``). Distances stay in crop pixels on both grids, so that thresholding
+    at 0 means the same everywhere."""
 
-    def __init__(self, masks: Sequence[np.ndarray]):
+    def __init__(self, masks: Sequence[np.ndarray], pixel_spacing: tuple[float, float] | None = None):
         self.window = _crop(masks)
         self.crop_shape = masks[0][self.window].shape
-        self.scale = min(1.0, MAX_SIDE / max(self.crop_shape))
+        finer = 1.0 if pixel_spacing is None else min(MAX_REFINE, max(1.0, min(pixel_spacing) / FINE_GRID_MM))
+        self.scale = min(finer, MAX_SIDE / max(self.crop_shape))
         self.small = tuple(max(int(round(n * self.scale)), 1) for n in self.crop_shape)
 
     def shrink(self, array: np.ndarray) -> np.ndarray:
@@ -257,7 +278,7 @@ def fill_gap(intensities: NormalisedSlices, below_mask: np.ndarray, above_mask: 
         (slice index -> boolean mask, reach: mean Dice of each chain with the painted mask at its far end,
         moved: whether either chain moved its painted mask at all on the way, see ``STILL``).
     """
-    grid = _RegistrationGrid([below_mask, above_mask])
+    grid = _RegistrationGrid([below_mask, above_mask], intensities.pixel_spacing)
     region = grid.region(intensities, below, above)
     chains = _chains(grid, region, below_mask, above_mask, coarse_first=False)
     if chains.reach < RETRY_BELOW and min(grid.small) >= MIN_COARSE_SIDE:
@@ -287,10 +308,12 @@ class GapFillCache:
     so the other gaps are not registered again. On a 512 x 512 x 300 CT with 5 painted liver slices and one
     added (benchmarks/speed.py's case), the propagation after adaptation took 6.1 s instead of 17.8 s, with the
     same labels. Only the gaps of the latest fill are kept (``forget_unused``).
+    ``pixel_spacing``: (row, col) spacing of the slices in mm, if known (see ``FINE_GRID_MM``).
     """
 
-    def __init__(self, slices: np.ndarray):
+    def __init__(self, slices: np.ndarray, pixel_spacing: tuple[float, float] | None = None):
         self._slices = slices
+        self._pixel_spacing = pixel_spacing
         self._intensities = None
         self._gaps: dict[tuple, tuple[dict[int, np.ndarray], tuple[int, int], float, bool]] = {}
         self._used: set[tuple] = set()  # the gaps asked for since the last ``forget_unused``
@@ -299,7 +322,7 @@ class GapFillCache:
     def intensities(self) -> NormalisedSlices:
         """The slices' ``NormalisedSlices``."""
         if self._intensities is None:
-            self._intensities = NormalisedSlices(self._slices)
+            self._intensities = NormalisedSlices(self._slices, self._pixel_spacing)
         return self._intensities
 
     def fill_gap(self, below_mask: np.ndarray, above_mask: np.ndarray, below: int, above: int
@@ -335,6 +358,7 @@ def fill_between_by_registration(
     progress: Callable[[str, int, int], None] | None = None,
     cancel: threading.Event | None = None,
     cache: GapFillCache | None = None,
+    pixel_spacing: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, list[GapReport]]:
     """Fill every label between its painted slices by registration, falling back to ``interpolated``.
 
@@ -348,11 +372,13 @@ def fill_between_by_registration(
         progress: called with ("registering", gaps done, gaps) after each gap; ``cancel`` is checked before each.
         cache: the previous propagation's registration results on these slices (``GapFillCache``): gaps
             whose painted masks are unchanged are taken from it, and it keeps this fill's gaps.
+        pixel_spacing: (row, col) spacing of the slices in mm, where no ``cache`` is given (the cache has its
+            own); unknown, coarse pixels are not registered on a finer grid (``FINE_GRID_MM``).
     Returns:
         The filled label stack (painted slices unchanged; where labels overlap, the smaller value wins, as in
         contour interpolation) and a report per gap.
     """
-    cache = GapFillCache(slices) if cache is None else cache
+    cache = GapFillCache(slices, pixel_spacing) if cache is None else cache
     painted = sorted(set(int(i) for i in painted_indices))
     result = np.zeros_like(labels)
     result[painted] = labels[painted]
@@ -406,7 +432,7 @@ def redraw_beyond_painted(intensities: NormalisedSlices, result: np.ndarray, lab
             continue
         start_mask = labels[start] == value
         # the crop holds the painted mask and every outline the walk drew, so the carried mask stays inside it
-        grid = _RegistrationGrid([start_mask] + [result[i] == value for i in side])
+        grid = _RegistrationGrid([start_mask] + [result[i] == value for i in side], intensities.pixel_spacing)
         first, last = min(start, side[-1]), max(start, side[-1])
         carried = carry_along(grid.region(intensities, first, last), start - first, side[-1] - first,
                               grid.shrink(signed_distance(start_mask[grid.window])))

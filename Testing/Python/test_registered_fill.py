@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from conftest import dice
-from SAMFewshotLib.baselines import fill_between_slices
+from conftest import SAMPLE_CT, SAMPLE_REFERENCE, dice
+from SAMFewshotLib.baselines import fill_between_slices, spread_painted_slices
 from SAMFewshotLib.errors import Cancelled
 from SAMFewshotLib import registered_fill
 from SAMFewshotLib.registered_fill import (GapFillCache, NormalisedSlices, fill_between_by_registration,
                                              redraw_beyond_painted)
+from SAMFewshotLib.volume_io import read_label_map, read_volume
 
 SLICES, SIZE = 21, 64
 
@@ -110,6 +111,33 @@ def test_a_large_crop_is_registered_on_a_coarser_grid_and_mapped_back_in_place()
     print(f"registered {registered:.3f}, contour {contour:.3f}")
     assert report.registered
     assert registered >= 0.97 and registered >= contour + 0.02, f"{registered:.3f} vs contour {contour:.3f}"
+
+
+def test_slices_with_coarse_pixels_are_registered_on_a_finer_grid():
+    """The sample CT has 3 mm pixels: the spleen painted on 3 slices (the spread rule) is filled between them
+    closer to the reference when the registration knows that and works on a grid twice as fine. Slices of 1 mm
+    pixels keep their own grid, and a crop too large for ``MAX_SIDE`` is still shrunk."""
+    image = read_volume(SAMPLE_CT)
+    spleen = read_label_map(SAMPLE_REFERENCE, image).array == 2
+    assert image.spacing == pytest.approx((3.0, 3.0, 3.0))
+    painted = spread_painted_slices(spleen, 3, 0)
+    labels = np.zeros(spleen.shape, np.uint8)
+    labels[painted] = spleen[painted]
+    between = [i for i in range(painted[0] + 1, painted[-1]) if i not in painted]
+    interpolated = fill_between_slices(labels, 0)
+    scores = {}
+    for name, spacing in (("unknown", None), ("3 mm", (3.0, 3.0))):
+        filled, _ = fill_between_by_registration(image.array, labels, painted, interpolated, pixel_spacing=spacing)
+        scores[name] = dice(filled[between] == 1, spleen[between])
+    print(scores)
+    assert scores["3 mm"] >= 0.97 and scores["3 mm"] >= scores["unknown"] + 0.005, scores
+
+    small, large = np.zeros((100, 100), bool), np.zeros((300, 300), bool)
+    small[40:60, 40:60] = large[10:290, 10:290] = True
+    grid = registered_fill._RegistrationGrid
+    assert grid([small], (3.0, 3.0)).scale == 2.0
+    assert grid([small], (1.0, 1.0)).scale == grid([small]).scale == 1.0
+    assert grid([large], (3.0, 3.0)).scale == grid([large]).scale < 1.0
 
 
 def test_a_thin_vessel_that_moves_further_than_its_width_per_slice_is_followed_coarse_to_fine(monkeypatch):
