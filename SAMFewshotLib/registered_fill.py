@@ -29,11 +29,10 @@ there, and the chains that reach the far painted masks better are kept. Coarse t
 on bones and winding structures but worse on the vena cava beside the aorta (0.903 -> 0.879 at k = 5), which
 the single-resolution chains followed well; choosing by reach keeps the better of the two per gap.
 
-Slices with coarse pixels (the 3 mm development CT) are registered on a grid up to twice as fine
-(``FINE_GRID_MM``): a field smoothed over one 3 mm pixel is too stiff for a boundary that bends within a
-pixel or two (measured at ``FINE_GRID_MM``).
-The pixel spacing comes with the slices (``NormalisedSlices``, ``GapFillCache``); where it is unknown the
-slices' own grid is used.
+Slices with coarse pixels (the 3 mm development CT) are registered on a grid up to twice as fine: a field
+smoothed over one 3 mm pixel is too stiff for a boundary that bends within a pixel or two (see
+``FINE_GRID_MM``). The pixel spacing comes with the slices (``NormalisedSlices``, ``GapFillCache``); where it
+is not given, the slices' own grid is used.
 
 Registration can also lose the structure on the way (thin, winding or repetitive ones: colon, pancreas; a
 long tube on tiny slices). Each chain is run on to the painted slice at the other end of the gap, where the
@@ -372,8 +371,8 @@ def fill_between_by_registration(
         progress: called with ("registering", gaps done, gaps) after each gap; ``cancel`` is checked before each.
         cache: the previous propagation's registration results on these slices (``GapFillCache``): gaps
             whose painted masks are unchanged are taken from it, and it keeps this fill's gaps.
-        pixel_spacing: (row, col) spacing of the slices in mm, where no ``cache`` is given (the cache has its
-            own); unknown, coarse pixels are not registered on a finer grid (``FINE_GRID_MM``).
+        pixel_spacing: (row, col) spacing of the slices in mm, used where no ``cache`` is given (a cache has
+            its own); None: the slices' own grid, never refined (``FINE_GRID_MM``).
     Returns:
         The filled label stack (painted slices unchanged; where labels overlap, the smaller value wins, as in
         contour interpolation) and a report per gap.
