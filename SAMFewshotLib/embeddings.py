@@ -20,6 +20,7 @@ from .embedding_cache import EmbeddingCache, default_cache_dir, volume_key
 from .errors import Cancelled, DeviceError
 from .intensity import IntensityWindow
 from .models import SamModel
+from .painted_slices import pixel_spacing
 from .slice_transform import SliceTransform
 from .volume_io import Volume
 
@@ -31,13 +32,6 @@ ProgressCallback = Callable[[str, int, int], None]
 def slice_stack(array: np.ndarray, axis: int) -> np.ndarray:
     """View of a (K, J, I) array as (N, rows, cols) slices along numpy ``axis``."""
     return np.moveaxis(array, axis, 0)
-
-
-def pixel_spacing(spacing_ijk: Sequence[float], axis: int) -> tuple[float, float]:
-    """(row, col) spacing in mm of slices along numpy ``axis``; ``spacing_ijk`` is ITK order (I, J, K)."""
-    by_numpy_axis = tuple(float(s) for s in spacing_ijk)[::-1]
-    rows, cols = (a for a in range(3) if a != axis)
-    return by_numpy_axis[rows], by_numpy_axis[cols]
 
 
 def check_cancel(cancel: threading.Event | None) -> None:

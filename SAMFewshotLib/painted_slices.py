@@ -58,6 +58,13 @@ def numpy_axis_for(name: str, direction: np.ndarray) -> int:
     raise InputError(f"this volume is so oblique that no array axis is clearly {name}; choose another axis.")
 
 
+def pixel_spacing(spacing_ijk: Sequence[float], axis: int) -> tuple[float, float]:
+    """(row, col) spacing in mm of slices along numpy ``axis``; ``spacing_ijk`` is ITK order (I, J, K)."""
+    by_numpy_axis = tuple(float(s) for s in spacing_ijk)[::-1]
+    rows, cols = (a for a in range(3) if a != axis)
+    return by_numpy_axis[rows], by_numpy_axis[cols]
+
+
 def default_slice_axis(spacing: tuple[float, float, float]) -> int:
     """The axis of largest voxel spacing; ties go to numpy axis 0 (the last ITK axis)."""
     spacing_by_numpy_axis = np.asarray(spacing, dtype=float)[::-1]

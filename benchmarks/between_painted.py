@@ -28,7 +28,7 @@ for path in (REPO, REPO / "benchmarks"):
 from within_volume import CT12, find_cases, machine_text  # noqa: E402
 
 from SAMFewshotLib.baselines import fill_between_slices, slice_axis_for, spread_painted_slices  # noqa: E402
-from SAMFewshotLib.embeddings import pixel_spacing  # noqa: E402
+from SAMFewshotLib.painted_slices import pixel_spacing  # noqa: E402
 from SAMFewshotLib.registered_fill import fill_between_by_registration  # noqa: E402
 from SAMFewshotLib.volume_io import read_label_map, read_volume  # noqa: E402
 
