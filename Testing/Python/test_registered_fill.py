@@ -163,6 +163,28 @@ def test_a_thin_vessel_that_moves_further_than_its_width_per_slice_is_followed_c
     assert registered >= contour + 0.3
 
 
+def test_a_thin_wall_that_drifts_over_a_long_gap_is_kept_by_composing_the_steps(monkeypatch):
+    """A wall 3 voxels thick that drifts a quarter voxel sideways per slice over 31 slices, painted on the first
+    and last. Each step of a chain resamples the last result, and over 30 linear resamplings the thin wall's
+    signed distance blurs below zero: the chains arrive with almost nothing (reach below 0.2). Composing the
+    steps' fields and warping the painted distance once keeps the wall to the far end."""
+    slices, size = 31, 32
+    rows, cols = np.mgrid[:size, :size]
+    truth = np.stack([(np.abs(cols - (8 + 0.25 * z)) <= 1) & (rows > 4) & (rows < 28) for z in range(slices)])
+    image = scanned(truth, 1.0, seed=0)
+
+    monkeypatch.setattr(registered_fill, "RETRIES", ((True, False),))  # as before 2026-12-05 (afternoon)
+    resampled, contour, resampled_report = fill_from_ends(image, truth)
+    monkeypatch.undo()
+    composed, _, report = fill_from_ends(image, truth)
+
+    print(f"composed {composed:.3f} (reach {report.reach:.2f}), resampled {resampled:.3f} "
+          f"(reach {resampled_report.reach:.2f}), contour {contour:.3f}")
+    assert resampled_report.reach < 0.2 and report.reach >= 0.8, (resampled_report, report)
+    assert composed >= 0.95 and composed >= resampled + 0.05, f"{composed:.3f} vs {resampled:.3f}"
+    assert composed >= contour + 0.5
+
+
 def test_chains_that_lose_the_structure_on_the_way_still_fill_a_gap_between_unlike_masks(monkeypatch):
     """A disk that moves 16 voxels sideways between its painted slices and swings 24 further out and back on the
     way, faster than the demons follow: each chain loses it before the far painted slice (reach 0), and the
