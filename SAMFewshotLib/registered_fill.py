@@ -181,7 +181,7 @@ def carry_along(intensities: np.ndarray, start: int, stop: int, distance: np.nda
         coarse_first: register each step on the slices shrunk by ``COARSE_SHRINK`` first, then at full
             resolution from there (see ``RETRY_BELOW``).
         composed: warp ``distance`` itself by the steps' fields composed, instead of warping each slice's
-            result on to the next (see ``RETRY_BELOW``).
+            result on to the next (see ``RETRIES``).
     Returns:
         slice index -> (rows, cols) the warped signed distance on that slice.
     """
@@ -233,14 +233,15 @@ def _field_image(displacement: np.ndarray):
     return sitk.GetImageFromArray(np.array(displacement, dtype=np.float64), isVector=True)
 
 
-def _composed(total: np.ndarray | None, field: np.ndarray, grid) -> np.ndarray:
+def _composed(total: np.ndarray | None, field: np.ndarray, reference) -> np.ndarray:
     """The displacement ``field`` (this slice -> the previous one) followed by ``total`` (the previous slice ->
-    the start): field(x) + total(x + field(x)), zero displacement beyond the crop."""
+    the start): field(x) + total(x + field(x)) on the grid of the SimpleITK image ``reference``, zero
+    displacement beyond it."""
     import SimpleITK as sitk
 
     if total is None:
         return field
-    carried = sitk.Resample(_field_image(total), grid, sitk.DisplacementFieldTransform(_field_image(field)),
+    carried = sitk.Resample(_field_image(total), reference, sitk.DisplacementFieldTransform(_field_image(field)),
                             sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
     return field + sitk.GetArrayFromImage(carried)
 

@@ -173,7 +173,7 @@ def test_a_thin_wall_that_drifts_over_a_long_gap_is_kept_by_composing_the_steps(
     truth = np.stack([(np.abs(cols - (8 + 0.25 * z)) <= 1) & (rows > 4) & (rows < 28) for z in range(slices)])
     image = scanned(truth, 1.0, seed=0)
 
-    monkeypatch.setattr(registered_fill, "RETRIES", ((True, False),))  # as before 2026-12-05 (afternoon)
+    monkeypatch.setattr(registered_fill, "RETRIES", ((True, False),))  # as before 2026-12-05 (mid-morning)
     resampled, contour, resampled_report = fill_from_ends(image, truth)
     monkeypatch.undo()
     composed, _, report = fill_from_ends(image, truth)
