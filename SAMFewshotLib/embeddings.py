@@ -124,6 +124,18 @@ class VolumeEmbeddings:
                 self.progress("encoding", done, len(to_encode))
         self.encode_seconds += time.perf_counter() - started
 
+    def ensure_ahead(self, index: int, direction: int, count: int) -> None:
+        """Make sure slice ``index`` is encoded, for a walk going ``direction`` (+1/-1) through the slices: where it
+        is not, the next slices in that direction go with it, up to ``count`` and as many as one encoder batch
+        holds. Ahead of a walk, which may stop at any slice, only what rides in the same batch is worth encoding:
+        on a CPU (batch 1) nothing is, and encoding 4 ahead left 2 slices encoded and never read at each walk's
+        end (0.7 s each with ONNX Runtime on 2 cores)."""
+        if index in self.memory:
+            return
+        count = max(1, min(count, self.batch_size))
+        self.ensure([i for i in range(index, index + direction * count, direction) if 0 <= i < self.num_slices]
+                    if direction else [index])
+
     def _encode_with_fallback(self, batch: list[int]) -> torch.Tensor:
         """Encode; on GPU out-of-memory halve the batch, and at batch 1 move the model to the CPU."""
         while True:

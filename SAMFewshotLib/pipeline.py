@@ -309,9 +309,7 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
         def probability(index: int, direction: int, value=value) -> np.ndarray:
             nonlocal walked
             check_cancel(cancel)
-            ahead = [index] if direction == 0 else [
-                i for i in range(index, index + direction * 4, direction) if 0 <= i < embeddings.num_slices]
-            embeddings.ensure(ahead)  # encode a few slices ahead in one batch
+            embeddings.ensure_ahead(index, direction, 4)
             walked += 1
             if progress:
                 progress("propagating", walked, embeddings.num_slices)

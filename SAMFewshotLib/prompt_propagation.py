@@ -74,7 +74,8 @@ class PropagationSettings:
             that mean; None: never.
         min_overlap: stop where Dice(new mask, current mask) falls below this.
         max_growth: stop where the new mask's area exceeds this many times the current one's.
-        prefetch: slices encoded ahead at once in the walk's direction.
+        prefetch: slices encoded at once in the walk's direction, where the encoder takes them in one batch (not
+            on a CPU: ``VolumeEmbeddings.ensure_ahead``).
     """
 
     points: int = 20
@@ -168,12 +169,8 @@ def walk_prompts(
 
 
 def _prefetch(session, index: int, direction: int, count: int) -> None:
-    """Encode the next ``count`` slices in one go when the next one is not encoded yet."""
-    embeddings = session.embeddings
-    if index in embeddings.memory:
-        return
-    ahead = [i for i in range(index, index + direction * count, direction) if 0 <= i < session.num_slices]
-    embeddings.ensure(ahead)
+    """Encode slice ``index``, with up to ``count`` - 1 slices ahead where they go in the same encoder batch."""
+    session.embeddings.ensure_ahead(index, direction, count)
 
 
 def _step(session, current: np.ndarray, current_index: int, index: int, rng: np.random.Generator,

@@ -211,6 +211,28 @@ def test_repropagation_after_painting_one_more_slice_continues_from_the_previous
 
 
 
+def test_on_the_cpu_the_walks_read_no_slice_past_where_they_stop(sample_adaptation, model, cache_dir):
+    """Beyond the painted range each walk step reads one slice. Encoding slices ahead of the walk pays only
+    where they ride in the same encoder batch; on a CPU (batch 1) a slice past a walk's end is an encoder run
+    of 1-3 s that nothing reads."""
+    from dataclasses import replace
+
+    from SAMFewshotLib.embeddings import VolumeEmbeddings
+    from SAMFewshotLib.pipeline import propagate
+
+    # the same slices, read from the disk cache into a memory of their own: what is in it is what was read
+    fresh = VolumeEmbeddings(model, sample_adaptation.embeddings.volume, sample_adaptation.embeddings.axis,
+                             window=sample_adaptation.window, cache_dir=cache_dir)
+    assert fresh.batch_size == 1
+    result = propagate(replace(sample_adaptation, embeddings=fresh), "default")
+    drawn = set(np.flatnonzero(result.labels.reshape(result.labels.shape[0], -1).any(1)).tolist())
+    beyond = sorted(i for i in fresh.memory if not PAINTED_SLICES[0] <= i <= PAINTED_SLICES[-1])
+    assert beyond, "the walks read no slice beyond the painted range"
+    # a slice the walk drew, or the one next to it where a walk found the structure no longer there
+    unread = [i for i in beyond if not {i - 1, i, i + 1} & drawn]
+    assert not unread, f"slices {unread} were encoded past the walks' ends (drawn: {sorted(drawn)})"
+
+
 def test_a_slice_checked_empty_stops_the_walk_there_and_changes_nothing_before_it(
         sample_result, sample_image, sample_painted, sample_reference, model, cache_dir):
     # the liver goes on to slice 47 and the walk from slice 43 follows it; the user says "nothing here" on 45
