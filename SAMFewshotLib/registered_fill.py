@@ -61,6 +61,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -304,10 +305,15 @@ def _chains(grid: _RegistrationGrid, region: np.ndarray, below_mask: np.ndarray,
             coarse_first: bool = False, composed: bool = False) -> _Chains:
     """The two chains of a gap whose first and last slice of ``region`` are the painted ones."""
     window, last = grid.window, region.shape[0] - 1
-    up = carry_along(region, 0, last, grid.shrink(signed_distance(below_mask[window])), coarse_first=coarse_first,
-                     composed=composed)
-    down = carry_along(region, last, 0, grid.shrink(signed_distance(above_mask[window])), coarse_first=coarse_first,
-                       composed=composed)
+    # The two chains are independent, and SimpleITK lets go of Python's lock while it registers: the chain up
+    # runs in a thread of its own while this one carries the chain down (each registration stays on one thread,
+    # so the result is the same as one after the other).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        up = pool.submit(carry_along, region, 0, last, grid.shrink(signed_distance(below_mask[window])),
+                         coarse_first=coarse_first, composed=composed)
+        down = carry_along(region, last, 0, grid.shrink(signed_distance(above_mask[window])),
+                           coarse_first=coarse_first, composed=composed)
+        up = up.result()
     up_end, down_end = grid.on_crop(up[last]), grid.on_crop(down[0])
     moved = min(_dice(up_end, below_mask[window]), _dice(down_end, above_mask[window])) < STILL
     return _Chains(up, down, _dice(up_end, above_mask[window]), _dice(down_end, below_mask[window]), moved)

@@ -75,6 +75,24 @@ def test_follows_a_structure_that_curves_between_painted_slices():
     assert calls == [], "no gap fell back, so contour interpolation (slow to load) should not have run"
 
 
+def test_the_two_chains_registered_side_by_side_are_what_each_gives_alone():
+    """A gap's chains run in two threads at once: each must come out as if it had run alone."""
+    image, truth = curving_vessel()
+    last = SLICES - 1
+    intensities = NormalisedSlices(image)
+    grid = registered_fill._RegistrationGrid([truth[0], truth[last]])
+    region = grid.region(intensities, 0, last)
+    for coarse_first, composed in ((False, False),) + registered_fill.RETRIES:
+        chains = registered_fill._chains(grid, region, truth[0], truth[last], coarse_first, composed)
+        for start, stop, painted, carried in ((0, last, truth[0], chains.up), (last, 0, truth[last], chains.down)):
+            alone = registered_fill.carry_along(region, start, stop,
+                                                grid.shrink(registered_fill.signed_distance(painted[grid.window])),
+                                                coarse_first=coarse_first, composed=composed)
+            assert sorted(alone) == sorted(carried)
+            for index in alone:
+                np.testing.assert_array_equal(carried[index], alone[index])
+        assert chains.reach >= 0.5  # they carried the vessel, not nothing
+
 def test_a_part_that_appears_inside_the_gap_is_kept_near_where_it_is_painted():
     """Painted below with one disk and above with two (as a vertebra's body appears above a slice holding only
     its posterior elements): the second disk appears on slice 3 and grows to full size by slice 5."""
