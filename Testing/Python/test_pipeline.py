@@ -214,7 +214,7 @@ def test_repropagation_after_painting_one_more_slice_continues_from_the_previous
 def test_on_the_cpu_the_walks_read_no_slice_past_where_they_stop(sample_adaptation, model, cache_dir):
     """Beyond the painted range each walk step reads one slice. Encoding slices ahead of the walk pays only
     where they ride in the same encoder batch; on a CPU (batch 1) a slice past a walk's end is an encoder run
-    of 1-3 s that nothing reads."""
+    (0.7-3 s on 2 cores) that nothing reads."""
     from dataclasses import replace
 
     from SAMFewshotLib.embeddings import VolumeEmbeddings

@@ -93,6 +93,7 @@ def test_the_two_chains_registered_side_by_side_are_what_each_gives_alone():
                 np.testing.assert_array_equal(carried[index], alone[index])
         assert chains.reach >= 0.5  # they carried the vessel, not nothing
 
+
 def test_a_part_that_appears_inside_the_gap_is_kept_near_where_it_is_painted():
     """Painted below with one disk and above with two (as a vertebra's body appears above a slice holding only
     its posterior elements): the second disk appears on slice 3 and grows to full size by slice 5."""
