@@ -24,7 +24,7 @@ from .interactive import InteractiveSession
 from .models import DEFAULT_MODEL, SamModel, load_model, resolve_device
 from .painted_slices import PaintedSlices, find_painted_slices, numpy_axis_for
 from .spatial import WalkReport, keep_components_linked_to_painted, walk_beyond_painted
-from .prompt_propagation import prompt_walk_beyond_painted, resemblance_threshold
+from .prompt_propagation import BEYOND_PAINTED, prompt_walk_beyond_painted, resemblance_threshold
 from .propagation import paste_painted, predict_probabilities, probabilities_to_labels
 from .registered_fill import GapFillCache, GapReport, fill_between_by_registration, redraw_beyond_painted
 from .volume_io import Volume, check_volume, label_dtype
@@ -309,7 +309,7 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
         def probability(index: int, direction: int, value=value) -> np.ndarray:
             nonlocal walked
             check_cancel(cancel)
-            embeddings.ensure_ahead(index, direction, 4)
+            embeddings.ensure_ahead(index, direction, BEYOND_PAINTED.prefetch)
             walked += 1
             if progress:
                 progress("propagating", walked, embeddings.num_slices)

@@ -151,7 +151,7 @@ def walk_prompts(
         reason = "edge"
         while 0 <= index < session.num_slices:
             check_cancel(cancel)
-            _prefetch(session, index, direction, settings.prefetch)
+            session.embeddings.ensure_ahead(index, direction, settings.prefetch)
             step = _step(session, current, current_index, index, rng, settings, use_box, prompt_encoder, stats)
             visited += 1
             if progress:
@@ -166,11 +166,6 @@ def walk_prompts(
         walk.stops[direction] = (index, reason)
     walk.masks = [found[i] for i in sorted(found)]
     return walk
-
-
-def _prefetch(session, index: int, direction: int, count: int) -> None:
-    """Encode slice ``index``, with up to ``count`` - 1 slices ahead where they go in the same encoder batch."""
-    session.embeddings.ensure_ahead(index, direction, count)
 
 
 def _step(session, current: np.ndarray, current_index: int, index: int, rng: np.random.Generator,
@@ -322,7 +317,7 @@ def prompt_walk_beyond_painted(
             if index in painted_set:
                 reason = "painted"
                 break
-            _prefetch(session, index, direction, settings.prefetch)
+            session.embeddings.ensure_ahead(index, direction, settings.prefetch)
             step = _step(session, current, current_index, index, rng, settings, True, None, stats)
             if isinstance(step, str):
                 reason = step
