@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--window", default="auto",
                          help="intensity window: auto (robust percentiles), ct-soft-tissue, ct-bone or LOW,HIGH")
         sub.add_argument("--iterations", type=int, default=None,
-                         help="fine-tuning iterations (default: 50/80/100 for 5/20/50 painted slices)")
+                         help="fine-tuning iterations (default: 50/80/100 for 5/20/50 painted slices; segment "
+                              "fine-tunes only for --report, --save-model or a method that predicts with the "
+                              "decoder)")
 
     segment = commands.add_parser("segment", help="propagate painted slices to the whole volume")
     segment.add_argument("image", help="the volume (NIfTI, NRRD, MHA, ... or a DICOM series folder)")
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _segment(args, progress: Progress) -> int:
-    from .pipeline import WALK_METHODS, segment_volume
+    from .pipeline import WALK_METHODS, WITHOUT_DECODERS, resolve_method, segment_volume
     from .volume_io import check_output_path, read_label_map, read_volume, write_label_map
 
     inputs = [args.image, args.labels] + ([args.save_model] if args.save_model else [])
@@ -214,9 +216,12 @@ def _segment(args, progress: Progress) -> int:
     image = read_volume(args.image)
     labels = read_label_map(args.labels, image)
     started = time.perf_counter()
+    # the default method's labels do not need the adapted decoders: train them only for what uses them
+    with_decoders = bool(args.save_model or args.report) or resolve_method(args.method) not in WITHOUT_DECODERS
     result = segment_volume(image, labels.array, model=args.model, device=args.device, axis=args.axis,
                             cache_dir=args.cache_dir, seed=args.seed, method=args.method, window=args.window,
-                            iterations=args.iterations, progress=progress, empty_slices=empty_slices)
+                            iterations=args.iterations, progress=progress, empty_slices=empty_slices,
+                            with_decoders=with_decoders)
     progress.close()
     print(f"found {result.painted.describe()}")
     write_label_map(result.labels, image, output)

@@ -39,6 +39,9 @@ ProgressCallback = Callable[[str, int, int], None]
 METHODS = ("register-box-walk", "register-walk", "fill-walk", "seed", "seed-linked")
 WALK_METHODS = ("register-box-walk", "register-walk", "fill-walk")
 DEFAULT_METHOD = "register-box-walk"
+# methods whose labels come from the image, SAM and the target embeddings alone; the adapted decoders give them
+# only their confidence and the model to save, so a run that wants neither need not train them
+WITHOUT_DECODERS = ("register-box-walk",)
 APPLY_METHODS = ("auto", "atlas", "decoder")
 
 _loaded_models: dict[tuple[str, str], SamModel] = {}
@@ -57,12 +60,12 @@ def get_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "auto") ->
 class SegmentationResult:
     labels: np.ndarray  # (K, J, I) full-volume label map, painted slices exactly as painted
     painted: PaintedSlices
-    adapted: AdaptedModel
+    adapted: AdaptedModel | None  # None when the decoders were not adapted (``with_decoders=False``)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     encoded_slices: int = 0  # slices that went through the encoder (0 when all came from the cache)
     losses: list[float] = field(default_factory=list)
     seed_labels: np.ndarray | None = None  # the paper's per-slice prediction before any spatial post-processing
-    confidence: list[SliceConfidence] | None = None  # per slice and label (default method only)
+    confidence: list[SliceConfidence] | None = None  # per slice and label (default method, adapted decoders)
     suggested_slice: int | None = None  # the slice whose painting would help most (along painted.axis)
     adaptation: Adaptation | None = None  # pass as ``previous`` to re-propagate quickly after a correction
 
@@ -78,7 +81,8 @@ class Support:
 
 @dataclass
 class Adaptation:
-    """Decoders adapted to the painted slices of one volume, ready to propagate with any method."""
+    """Decoders adapted to the painted slices of one volume, ready to propagate with any method (with
+    ``decoders`` empty: only with those of ``WITHOUT_DECODERS``)."""
 
     model: SamModel
     painted: PaintedSlices
@@ -113,6 +117,7 @@ def adapt_to_painted(
     cancel: threading.Event | None = None,
     previous: Adaptation | None = None,
     empty_slices: Sequence[int] = (),
+    with_decoders: bool = True,
 ) -> Adaptation:
     """Find the painted slices, encode them, and fine-tune one decoder per label (see ``segment_volume``).
 
@@ -120,6 +125,7 @@ def adapt_to_painted(
     added slices). Its embeddings are reused and each label's decoder continues training from the previous
     one for a few steps instead of starting again from SAM's (``AdaptationSettings.refine_steps``).
     It is ignored when the volume, axis, model or intensity window differ.
+    ``with_decoders=False``: compute the target embeddings only, and train no decoder (see ``segment_volume``).
     """
     started = time.perf_counter()
     check_volume(image)
@@ -139,7 +145,7 @@ def adapt_to_painted(
     if previous is not None and previous.embeddings.key == embeddings.key:
         embeddings = previous.embeddings  # already holds the slices encoded so far
         embeddings.progress, embeddings.cancel = progress, cancel
-        initial, fill_cache = previous.decoders, previous.fill_cache
+        initial, fill_cache = previous.decoders or None, previous.fill_cache
     encoded_before = embeddings.encode_seconds  # a reused embeddings object has encoded before
     label_stack = slice_stack(labels, painted.axis)
     support = Support(embeddings, painted.indices, label_stack[list(painted.indices)])
@@ -150,7 +156,7 @@ def adapt_to_painted(
         decoders, targets, losses = previous.decoders, previous.targets, previous.losses
     else:
         decoders, targets, losses = adapt([support], painted.label_values, settings, progress=progress,
-                                          cancel=cancel, initial=initial)
+                                          cancel=cancel, initial=initial, train=with_decoders)
     encode_seconds = embeddings.encode_seconds - encoded_before
     timings = {"load": loaded - started, "adapt": time.perf_counter() - loaded - encode_seconds,
                "encode": encode_seconds}
@@ -167,7 +173,9 @@ def propagate(
     cancel: threading.Event | None = None,
 ) -> SegmentationResult:
     """Segment the whole volume from an adaptation with one of ``METHODS``."""
-    method = _resolve_method(method)
+    method = resolve_method(method)
+    if not adaptation.decoders and method not in WITHOUT_DECODERS:
+        raise ValueError(f"method {method} predicts with the adapted decoders; adapt with with_decoders=True.")
     started, encoded_before = time.perf_counter(), adaptation.embeddings.encode_seconds
     embeddings, painted, label_stack = adaptation.embeddings, adaptation.painted, adaptation.label_stack
     settled = painted.settled  # painted or checked empty: the result keeps them as the user left them
@@ -189,9 +197,11 @@ def propagate(
         result_stack, walks, gaps = _fill_and_walk(adaptation, dtype, progress, cancel,
                                                    register=method != "fill-walk",
                                                    box_walk=method == "register-box-walk")
+        # a walked slice's confidence weighs the adapted decoder's certainty on it
         confidence = [item for value in painted.label_values
                       for item in label_confidence(result_stack, label_stack, settled, value, walks[value],
-                                                   [gap for gap in gaps if gap.label == value])]
+                                                   [gap for gap in gaps if gap.label == value])
+                      ] if adaptation.decoders else None
 
     def volume(stack: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(np.moveaxis(stack, 0, painted.axis))
@@ -206,7 +216,7 @@ def propagate(
         adaptation.model, adaptation.decoders, adaptation.targets, names, painted.axis_name, adaptation.window,
         {"method": method, "iterations": adaptation.settings.iterations_for(len(painted.indices)),
          "seed": adaptation.settings.seed, "support_slices": len(painted.indices)},
-    )
+    ) if adaptation.decoders else None
     return SegmentationResult(volume(result_stack), painted, adapted, timings, embeddings.encoded_slices,
                               adaptation.losses, None if seed_stack is None else volume(seed_stack),
                               confidence, suggest_slice(confidence) if confidence else None, adaptation)
@@ -229,6 +239,7 @@ def segment_volume(
     cancel: threading.Event | None = None,
     previous: Adaptation | None = None,
     empty_slices: Sequence[int] = (),
+    with_decoders: bool = True,
 ) -> SegmentationResult:
     """Adapt the decoders to the painted slices of ``labels`` and segment the whole of ``image``.
 
@@ -244,11 +255,16 @@ def segment_volume(
             present. They stay empty, and no walk beyond the painted range goes past them: the way to say
             where a structure ends (a label map alone cannot, its unpainted slices are empty too). They do
             not train the decoders.
+        with_decoders: adapt a decoder per label (the default). With False and a method of
+            ``WITHOUT_DECODERS`` (the default method's labels come from the image, SAM and the target embeddings
+            alone) none is trained: the same labels, without the fine-tuning's time, but no ``confidence``,
+            ``suggested_slice`` or ``adapted`` model.
     """
-    _resolve_method(method)
+    if resolve_method(method) not in WITHOUT_DECODERS and not with_decoders:  # an unknown method fails first
+        raise ValueError(f"method {method} predicts with the adapted decoders; it needs with_decoders=True.")
     adaptation = adapt_to_painted(image, labels, model=model, device=device, axis=axis, cache_dir=cache_dir,
                                   seed=seed, window=window, iterations=iterations, progress=progress, cancel=cancel,
-                                  previous=previous, empty_slices=empty_slices)
+                                  previous=previous, empty_slices=empty_slices, with_decoders=with_decoders)
     return propagate(adaptation, method, label_names=label_names, progress=progress, cancel=cancel)
 
 
@@ -306,13 +322,15 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
     session = InteractiveSession(embeddings.volume, embeddings=embeddings) if box_walk else None
 
     for value in painted.label_values:
-        def probability(index: int, direction: int, value=value) -> np.ndarray:
+        def probability(index: int, direction: int, value=value) -> np.ndarray | None:
             nonlocal walked
             check_cancel(cancel)
             embeddings.ensure_ahead(index, direction, BEYOND_PAINTED.prefetch)
             walked += 1
             if progress:
                 progress("propagating", walked, embeddings.num_slices)
+            if value not in adaptation.decoders:
+                return None  # not adapted: the walk records no certainty (the labels do not use it)
             single = {value: adaptation.targets[value]}
             return predict_probabilities({value: adaptation.decoders[value]}, single, embeddings, [index])[value][0]
 
@@ -466,8 +484,10 @@ def adapt(
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     initial: dict[int, FewShotMaskDecoder] | None = None,
+    train: bool = True,
 ) -> tuple[dict[int, FewShotMaskDecoder], dict[int, torch.Tensor], list[float]]:
-    """Encode the support slices, compute target embeddings per label and fine-tune one decoder per label.
+    """Encode the support slices, compute target embeddings per label and fine-tune one decoder per label
+    (with ``train=False``: none; the decoders come back empty).
 
     The paper shares one decoder between labels; with a few dozen steps a shared decoder learned to
     segment the largest label whatever its prompt (spleen Dice 0.00 next to the liver on the sample CT),
@@ -492,7 +512,7 @@ def adapt(
         if targets[value].shape[0] == 0:
             raise InputError(f"label {value} is too small to be seen by the model on any painted slice; paint more of it.")
     decoders, losses = {}, []
-    for value in label_values:
+    for value in label_values if train else ():
         def label_progress(stage: str, done: int, total: int, value=value) -> None:
             if progress:
                 progress(f"{stage} label {value}", done, total)
@@ -513,7 +533,8 @@ def _same_support(previous: Adaptation, painted: PaintedSlices, label_stack: np.
             and np.array_equal(previous.label_stack[indices], label_stack[indices]))
 
 
-def _resolve_method(method: str) -> str:
+def resolve_method(method: str) -> str:
+    """The name in ``METHODS`` that ``method`` stands for ("default" or empty: ``DEFAULT_METHOD``)."""
     method = DEFAULT_METHOD if method in (None, "", "default") else method
     if method not in METHODS:
         raise InputError(f"unknown method '{method}'; choose one of: default, {', '.join(METHODS)}.")

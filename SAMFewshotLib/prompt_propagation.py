@@ -271,7 +271,7 @@ def prompt_walk_beyond_painted(
     painted: np.ndarray,
     painted_indices: Sequence[int],
     value: int,
-    probability: Callable[[int, int], np.ndarray],
+    probability: Callable[[int, int], np.ndarray | None],
     resemblance: Callable[[int, np.ndarray], float],
     *,
     settings: PropagationSettings = BEYOND_PAINTED,
@@ -294,7 +294,8 @@ def prompt_walk_beyond_painted(
         result: (N, rows, cols) label stack to write into (only background voxels are written).
         painted: (N, rows, cols) the user's labels; ``painted_indices`` the painted slices.
         probability: (slice index, direction) -> (rows, cols) the adapted decoder's foreground probability of
-            ``value``; its mean over each written mask goes into the report (confidence.py uses it).
+            ``value``; its mean over each written mask goes into the report (confidence.py uses it). It may
+            return None (no decoder adapted): the report then holds NaN there.
         resemblance: (slice index, mask) -> cosine similarity of the mask's mean embedding to the painted one.
     Returns:
         The slices written, with the decoder's mean probability on each, and where and why each side stopped:
@@ -328,7 +329,8 @@ def prompt_walk_beyond_painted(
                 reason = "unrecognised"
                 break
             result[index][step.mask & (result[index] == 0)] = value
-            recognised = float(probability(index, direction)[step.mask].mean())
+            decoded = probability(index, direction)
+            recognised = float("nan") if decoded is None else float(decoded[step.mask].mean())
             overlap = 2.0 * float((step.mask & current).sum()) / float(step.mask.sum() + current.sum())
             report.steps.append(WalkStep(index, recognised, overlap))
             current, current_index = step.mask, index

@@ -1016,9 +1016,9 @@ def _decoder_out_of_memory(ws):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB (simulated)")
 
         FewShotMaskDecoder.forward = out_of_memory
-        try:
+        try:  # --report: the decoder is fine-tuned only where its certainty is used
             return ws.cli("segment", image, labels, "-o", ws.out / "labels.nii.gz", "--cache-dir", ws.cache_dir,
-                          *RUN_OPTIONS)
+                          "--report", ws.out / "report.json", *RUN_OPTIONS)
         finally:
             FewShotMaskDecoder.forward = forward
 

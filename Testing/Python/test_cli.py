@@ -54,6 +54,17 @@ def test_segment_writes_a_label_map_in_the_image_geometry(tmp_path, cache_dir, c
     assert sitk.ReadImage(str(applied)).GetSize() == image.GetSize()
 
 
+def test_segment_without_report_or_model_does_not_fine_tune_and_gives_the_same_labels(tmp_path, cache_dir, capsys,
+                                                                                       sample_result):
+    # the default method's labels do not use the adapted decoders (--report's confidence and --save-model do)
+    output = tmp_path / "labels.nii.gz"
+    code, out, err = run("segment", SAMPLE_CT, SAMPLE_PAINTED, "-o", output, "--cache-dir", cache_dir, "--device",
+                         "cpu", capsys=capsys)
+    assert code == 0, err
+    assert "registering" in err and "adapting" not in err  # progress shown, none of it fine-tuning
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(output))), sample_result.labels)
+
+
 def test_train_on_several_volumes(tmp_path, cache_dir, capsys):
     model = tmp_path / "m.safetensors"
     code, out, err = run("train", "--image", SAMPLE_CT, "--labels", SAMPLE_PAINTED, "--image", SAMPLE_CT,

@@ -175,6 +175,14 @@ def test_cancel_stops_and_raises(sample_image, sample_painted, model, cache_dir)
         segment_volume(sample_image, sample_painted, model=model, cache_dir=cache_dir, iterations=1, cancel=cancel)
 
 
+def test_a_method_that_predicts_with_the_decoders_refuses_to_run_without_them(sample_image, sample_painted, model,
+                                                                              cache_dir):
+    # without the check the seed method would predict nothing on every slice, silently
+    with pytest.raises(ValueError, match="predicts with the adapted decoders"):
+        segment_volume(sample_image, sample_painted, model=model, cache_dir=cache_dir, method="seed",
+                       with_decoders=False)
+
+
 def test_label_map_of_another_size_is_refused(sample_image, model, cache_dir):
     labels = np.zeros((4, 5, 6), np.uint8)
     with pytest.raises(InputError, match="differs from the image"):
