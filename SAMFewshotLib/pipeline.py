@@ -99,7 +99,8 @@ class Adaptation:
 
     def __post_init__(self):
         if self.fill_cache is None:
-            self.fill_cache = GapFillCache(self.embeddings.slices, self.embeddings.transform.pixel_spacing)
+            slice_mm = float(np.asarray(self.embeddings.volume.spacing)[::-1][self.embeddings.axis])
+            self.fill_cache = GapFillCache(self.embeddings.slices, self.embeddings.transform.pixel_spacing, slice_mm)
 
 
 def adapt_to_painted(

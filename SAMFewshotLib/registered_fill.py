@@ -29,7 +29,9 @@ there, and the chains that reach the far painted masks better are kept. Coarse t
 on bones and winding structures but worse on the vena cava beside the aorta (0.903 -> 0.879 at k = 5), which
 the single-resolution chains followed well; choosing by reach keeps the better of the two per gap. Such a gap
 is also registered with each chain's steps composed (``RETRIES``): over a long gap, warping each slice's result
-on to the next blurs a thin wall or loop away (the colon at k = 3).
+on to the next blurs a thin wall or loop away (the colon at k = 3). If the best chains still reach below
+``RETRY_BELOW``, their border can be a pixel or more off: the gap's masks are then refined by the intensities
+inside and around the structure in that gap (``refine_lost_gap``, ``label_refinement``).
 
 Slices with coarse pixels (the 3 mm development CT) are registered on a grid up to twice as fine: a field
 smoothed over one 3 mm pixel is too stiff for a boundary that bends within a pixel or two (see
@@ -70,6 +72,8 @@ from scipy import ndimage
 from skimage.transform import resize
 
 from .errors import Cancelled
+from .label_refinement import refine_by_intensity
+from .volume_io import Volume
 
 # Demons settings, in pixels of the slice; fixed on the development data, not per structure. A smoothing of
 # 1.0 (was 1.5) lets the field follow boundaries that bend within a few pixels (sacrum, hip, vertebrae): Dice
@@ -148,16 +152,22 @@ class NormalisedSlices:
     """The slices' intensities scaled to 0..1 between the volume's 0.5th and 99.5th percentiles (any modality),
     computed for the part that is read: registration reads crops around the structure, and scaling a whole
     512 x 512 x 300 CT at once took 4 s and 300 MB. Index it as the (N, rows, cols) array it stands for.
-    ``pixel_spacing``: (row, col) spacing of the slices in mm, if known (see ``FINE_GRID_MM``)."""
+    ``pixel_spacing``: (row, col) spacing of the slices in mm, if known (see ``FINE_GRID_MM``); ``slice_spacing``:
+    the spacing between them in mm, if known (see ``refine_lost_gap``)."""
 
-    def __init__(self, slices: np.ndarray, pixel_spacing: tuple[float, float] | None = None):
+    def __init__(self, slices: np.ndarray, pixel_spacing: tuple[float, float] | None = None,
+                 slice_spacing: float | None = None):
         self._slices = slices
-        self.pixel_spacing = pixel_spacing
+        self.pixel_spacing, self.slice_spacing = pixel_spacing, slice_spacing
         self.low, self.high = np.percentile(np.asarray(slices, dtype=np.float32), [0.5, 99.5])
 
     def __getitem__(self, key) -> np.ndarray:
         values = np.asarray(self._slices[key], dtype=np.float32)
         return np.clip((values - self.low) / max(float(self.high - self.low), 1e-6), 0.0, 1.0).astype(np.float32)
+
+    def original(self, key) -> np.ndarray:
+        """The slices' own intensities (not scaled or clipped)."""
+        return np.asarray(self._slices[key], dtype=np.float32)
 
 
 def signed_distance(mask: np.ndarray) -> np.ndarray:
@@ -346,7 +356,28 @@ def fill_gap(intensities: NormalisedSlices, below_mask: np.ndarray, above_mask: 
         down_distance = np.maximum(chains.down[index - below], -OUTSIDE_CLIP)
         mask[grid.window] = grid.on_crop((1.0 - weight) * up_distance + weight * down_distance)
         masks[index] = mask
+    if chains.reach < RETRY_BELOW:
+        masks = refine_lost_gap(intensities, masks, below_mask, above_mask, below, above)
     return masks, chains.reach, chains.moved
+
+
+def refine_lost_gap(intensities: NormalisedSlices, masks: dict[int, np.ndarray], below_mask: np.ndarray,
+                    above_mask: np.ndarray, below: int, above: int) -> dict[int, np.ndarray]:
+    """``masks`` with their borders moved to where the gap's intensities put them (``label_refinement``).
+
+    Used where the chains lost the structure (they reach the far painted masks with a mean Dice below
+    ``RETRY_BELOW`` after any retries): there the registered border can be a pixel or more off, and the
+    intensities inside and around the structure in this gap say better where it lies. Where the chains held
+    it, the border is right to about a pixel and refining everywhere lost (spleen, left atrium). The painted
+    masks at both ends take part (they are the surest "inside"), and are not changed.
+    """
+    rows_mm, cols_mm = intensities.pixel_spacing or (1.0, 1.0)
+    slice_mm = intensities.slice_spacing or float(min(rows_mm, cols_mm))
+    stack = np.stack([below_mask] + [masks[i] for i in range(below + 1, above)] + [above_mask]).astype(np.uint8)
+    volume = Volume(intensities.original(slice(below, above + 1)), (float(cols_mm), float(rows_mm), float(slice_mm)),
+                    (0.0, 0.0, 0.0), tuple(float(v) for v in np.eye(3).ravel()))
+    refined = refine_by_intensity(stack, volume) == 1
+    return {index: refined[index - below] for index in range(below + 1, above)}
 
 
 class GapFillCache:
@@ -358,12 +389,13 @@ class GapFillCache:
     so the other gaps are not registered again. On a 512 x 512 x 300 CT with 5 painted liver slices and one
     added (benchmarks/speed.py's case), the propagation after adaptation took 6.1 s instead of 17.8 s, with the
     same labels. Only the gaps of the latest fill are kept (``forget_unused``).
-    ``pixel_spacing``: (row, col) spacing of the slices in mm, if known (see ``FINE_GRID_MM``).
+    ``pixel_spacing``, ``slice_spacing``: as for ``NormalisedSlices``.
     """
 
-    def __init__(self, slices: np.ndarray, pixel_spacing: tuple[float, float] | None = None):
+    def __init__(self, slices: np.ndarray, pixel_spacing: tuple[float, float] | None = None,
+                 slice_spacing: float | None = None):
         self._slices = slices
-        self._pixel_spacing = pixel_spacing
+        self._pixel_spacing, self._slice_spacing = pixel_spacing, slice_spacing
         self._intensities = None
         self._gaps: dict[tuple, tuple[dict[int, np.ndarray], tuple[int, int], float, bool]] = {}
         self._used: set[tuple] = set()  # the gaps asked for since the last ``forget_unused``
@@ -372,7 +404,7 @@ class GapFillCache:
     def intensities(self) -> NormalisedSlices:
         """The slices' ``NormalisedSlices``."""
         if self._intensities is None:
-            self._intensities = NormalisedSlices(self._slices, self._pixel_spacing)
+            self._intensities = NormalisedSlices(self._slices, self._pixel_spacing, self._slice_spacing)
         return self._intensities
 
     def fill_gap(self, below_mask: np.ndarray, above_mask: np.ndarray, below: int, above: int
@@ -409,6 +441,7 @@ def fill_between_by_registration(
     cancel: threading.Event | None = None,
     cache: GapFillCache | None = None,
     pixel_spacing: tuple[float, float] | None = None,
+    slice_spacing: float | None = None,
 ) -> tuple[np.ndarray, list[GapReport]]:
     """Fill every label between its painted slices by registration, falling back to ``interpolated``.
 
@@ -423,12 +456,13 @@ def fill_between_by_registration(
         cache: the previous propagation's registration results on these slices (``GapFillCache``): gaps
             whose painted masks are unchanged are taken from it, and it keeps this fill's gaps.
         pixel_spacing: (row, col) spacing of the slices in mm, used where no ``cache`` is given (a cache has
-            its own); None: the slices' own grid, never refined (``FINE_GRID_MM``).
+            its own); None: the slices' own grid, never refined (``FINE_GRID_MM``). ``slice_spacing``: the
+            spacing between the slices in mm, likewise (None: taken as the pixels').
     Returns:
         The filled label stack (painted slices unchanged; where labels overlap, the smaller value wins, as in
         contour interpolation) and a report per gap.
     """
-    cache = GapFillCache(slices, pixel_spacing) if cache is None else cache
+    cache = GapFillCache(slices, pixel_spacing, slice_spacing) if cache is None else cache
     painted = sorted(set(int(i) for i in painted_indices))
     result = np.zeros_like(labels)
     result[painted] = labels[painted]

@@ -67,8 +67,9 @@ def main(argv=None) -> int:
                 labels[painted] = mask[painted]
                 contour = fill_between_slices(labels, 0, crop=True)
                 started = time.perf_counter()
-                registered, gaps = fill_between_by_registration(slices, labels, painted, contour,
-                                                                pixel_spacing=pixel_spacing(image.spacing, axis))
+                registered, gaps = fill_between_by_registration(
+                    slices, labels, painted, contour, pixel_spacing=pixel_spacing(image.spacing, axis),
+                    slice_spacing=float(np.asarray(image.spacing)[::-1][axis]))
                 seconds = time.perf_counter() - started
                 row = {"case": case.id, "structure": structure, "k": k, "readme_ct": structure in CT12,
                        "fill_between": dice(contour[between] == 1, mask[between]),
