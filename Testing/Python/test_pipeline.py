@@ -177,7 +177,8 @@ def test_cancel_stops_and_raises(sample_image, sample_painted, model, cache_dir)
 
 def test_a_method_that_predicts_with_the_decoders_refuses_to_run_without_them(sample_image, sample_painted, model,
                                                                               cache_dir):
-    # without the check the seed method would predict nothing on every slice, silently
+    # refused before anything runs: without the check it would fail with a bare KeyError once the first slice
+    # was encoded, far from the cause
     with pytest.raises(ValueError, match="predicts with the adapted decoders"):
         segment_volume(sample_image, sample_painted, model=model, cache_dir=cache_dir, method="seed",
                        with_decoders=False)
