@@ -65,6 +65,11 @@ def pixel_spacing(spacing_ijk: Sequence[float], axis: int) -> tuple[float, float
     return by_numpy_axis[rows], by_numpy_axis[cols]
 
 
+def slice_spacing(spacing_ijk: Sequence[float], axis: int) -> float:
+    """Spacing in mm between slices along numpy ``axis``; ``spacing_ijk`` is ITK order (I, J, K)."""
+    return tuple(float(s) for s in spacing_ijk)[::-1][axis]
+
+
 def default_slice_axis(spacing: tuple[float, float, float]) -> int:
     """The axis of largest voxel spacing; ties go to numpy axis 0 (the last ITK axis)."""
     spacing_by_numpy_axis = np.asarray(spacing, dtype=float)[::-1]

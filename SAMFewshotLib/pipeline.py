@@ -22,7 +22,7 @@ from .fewshot_decoder import FewShotMaskDecoder
 from .intensity import IntensityWindow
 from .interactive import InteractiveSession
 from .models import DEFAULT_MODEL, SamModel, load_model, resolve_device
-from .painted_slices import PaintedSlices, find_painted_slices, numpy_axis_for
+from .painted_slices import PaintedSlices, find_painted_slices, numpy_axis_for, slice_spacing
 from .spatial import WalkReport, keep_components_linked_to_painted, walk_beyond_painted
 from .prompt_propagation import BEYOND_PAINTED, prompt_walk_beyond_painted, resemblance_threshold
 from .propagation import paste_painted, predict_probabilities, probabilities_to_labels
@@ -99,8 +99,9 @@ class Adaptation:
 
     def __post_init__(self):
         if self.fill_cache is None:
-            slice_mm = float(np.asarray(self.embeddings.volume.spacing)[::-1][self.embeddings.axis])
-            self.fill_cache = GapFillCache(self.embeddings.slices, self.embeddings.transform.pixel_spacing, slice_mm)
+            embeddings = self.embeddings
+            self.fill_cache = GapFillCache(embeddings.slices, embeddings.transform.pixel_spacing,
+                                           slice_spacing(embeddings.volume.spacing, embeddings.axis))
 
 
 def adapt_to_painted(
@@ -175,8 +176,7 @@ def propagate(
 ) -> SegmentationResult:
     """Segment the whole volume from an adaptation with one of ``METHODS``."""
     method = resolve_method(method)
-    if not adaptation.decoders and method not in WITHOUT_DECODERS:
-        raise ValueError(f"method {method} predicts with the adapted decoders; adapt with with_decoders=True.")
+    _check_decoders_for(method, bool(adaptation.decoders))
     started, encoded_before = time.perf_counter(), adaptation.embeddings.encode_seconds
     embeddings, painted, label_stack = adaptation.embeddings, adaptation.painted, adaptation.label_stack
     settled = painted.settled  # painted or checked empty: the result keeps them as the user left them
@@ -261,8 +261,7 @@ def segment_volume(
             alone) none is trained: the same labels, without the fine-tuning's time, but no ``confidence``,
             ``suggested_slice`` or ``adapted`` model.
     """
-    if resolve_method(method) not in WITHOUT_DECODERS and not with_decoders:  # an unknown method fails first
-        raise ValueError(f"method {method} predicts with the adapted decoders; it needs with_decoders=True.")
+    _check_decoders_for(resolve_method(method), with_decoders)  # before anything is encoded or trained
     adaptation = adapt_to_painted(image, labels, model=model, device=device, axis=axis, cache_dir=cache_dir,
                                   seed=seed, window=window, iterations=iterations, progress=progress, cancel=cancel,
                                   previous=previous, empty_slices=empty_slices, with_decoders=with_decoders)
@@ -316,7 +315,7 @@ def _fill_and_walk(adaptation: Adaptation, dtype, progress, cancel, register: bo
         result = interpolated()
     result[settled] = label_stack[settled]
     rows_mm, cols_mm = embeddings.transform.pixel_spacing
-    slice_mm = float(np.asarray(embeddings.volume.spacing)[::-1][painted.axis])
+    slice_mm = slice_spacing(embeddings.volume.spacing, painted.axis)
     # beyond its painted range a structure tapers: let its boundary move at most one slice spacing per slice
     radius = int(np.ceil(slice_mm / min(rows_mm, cols_mm)))
     walked, walks = 0, {}
@@ -532,6 +531,11 @@ def _same_support(previous: Adaptation, painted: PaintedSlices, label_stack: np.
     return (previous.painted.indices == painted.indices and previous.painted.label_values == painted.label_values
             and previous.settings == settings and previous.label_stack.shape == label_stack.shape
             and np.array_equal(previous.label_stack[indices], label_stack[indices]))
+
+
+def _check_decoders_for(method: str, with_decoders: bool) -> None:
+    if not with_decoders and method not in WITHOUT_DECODERS:
+        raise ValueError(f"method {method} predicts with the adapted decoders; it needs with_decoders=True.")
 
 
 def resolve_method(method: str) -> str:

@@ -28,7 +28,7 @@ for path in (REPO, REPO / "benchmarks"):
 from within_volume import CT12, find_cases, machine_text  # noqa: E402
 
 from SAMFewshotLib.baselines import fill_between_slices, slice_axis_for, spread_painted_slices  # noqa: E402
-from SAMFewshotLib.painted_slices import pixel_spacing  # noqa: E402
+from SAMFewshotLib.painted_slices import pixel_spacing, slice_spacing  # noqa: E402
 from SAMFewshotLib.registered_fill import fill_between_by_registration  # noqa: E402
 from SAMFewshotLib.volume_io import read_label_map, read_volume  # noqa: E402
 
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
                 started = time.perf_counter()
                 registered, gaps = fill_between_by_registration(
                     slices, labels, painted, contour, pixel_spacing=pixel_spacing(image.spacing, axis),
-                    slice_spacing=float(np.asarray(image.spacing)[::-1][axis]))
+                    slice_spacing=slice_spacing(image.spacing, axis))
                 seconds = time.perf_counter() - started
                 row = {"case": case.id, "structure": structure, "k": k, "readme_ct": structure in CT12,
                        "fill_between": dice(contour[between] == 1, mask[between]),
