@@ -14,12 +14,13 @@ import pytest
 import torch
 from scipy import ndimage
 
-from conftest import dice
+from conftest import DATA, dice
 from SAMFewshotLib.errors import Cancelled, InputError
 from SAMFewshotLib.interactive import InteractiveSession, SliceMask
 from SAMFewshotLib.prompt_learning import PromptLearningSettings, learn_prompt_encoder
-from SAMFewshotLib.prompt_propagation import walk_prompts
+from SAMFewshotLib.prompt_propagation import BEYOND_PAINTED, IntensityStats, walk_prompts
 from SAMFewshotLib.prompts import SlicePrompt
+from SAMFewshotLib.volume_io import read_label_map
 
 LIVER = 1
 SPLEEN = 2
@@ -156,6 +157,35 @@ def test_walk_from_one_slice_covers_the_spleen_and_stops_at_its_end(session, sam
     assert 15 <= indices[0] <= 21, f"the walk went down to slice {indices[0]}"
     done = [d for _, d, _ in visited]
     assert visited[-1][0] == "propagating" and done == sorted(done) and len(done) >= len(indices) - 1
+
+
+def test_a_walk_beyond_a_painted_air_filled_colon_goes_on_through_the_colon(session, sample_image):
+    # The colon's painted slice here is air and wall: hardly any of its voxels lie within one standard deviation
+    # of its mean intensity, so a guard measured that way stopped the default method's walk at its first step
+    # (the colon's top 11 slices were left empty).
+    colon = read_label_map(DATA / "sample_ct_colon.nii.gz", sample_image).array > 0
+    start = 36  # the outermost painted slice at k = 5 on the full CT (its slice 100)
+    walk = walk_prompts(session, SliceMask(start, colon[start], colon[start].astype(np.float32)),
+                        settings=BEYOND_PAINTED, seed=0)
+    above = [m for m in walk.masks if m.index > start]
+    assert len(above) >= 6, f"the walk stopped at slice {walk.stops[+1]}"
+    walked = walked_volume(above, colon.shape)
+    reached = slice(start + 1, above[-1].index + 1)
+    # SAM's outlines (0.71 here); the default method then redraws them by registration (0.83 on the full CT)
+    assert dice(walked[reached], colon[reached]) >= 0.65
+
+
+def test_a_structure_of_two_tissues_counts_its_own_voxels_as_typical(sample_image):
+    colon = read_label_map(DATA / "sample_ct_colon.nii.gz", sample_image).array > 0
+    air_and_wall = sample_image.array[36][colon[36]].astype(np.float64)
+    stats = IntensityStats.of(air_and_wall)
+    # few of its voxels lie within one standard deviation of its mean, between its two tissues
+    assert np.mean(np.abs(air_and_wall - stats.mean) <= stats.spread) < 0.4
+    assert stats.typical_share(air_and_wall) >= 0.68
+    rng = np.random.default_rng(0)
+    assert stats.typical_share(rng.normal(400, 40, 500)) < 0.05  # bone is not colon
+    soft_tissue = rng.normal(50, 10, 1000)
+    assert IntensityStats.of(soft_tissue).typical_share(rng.normal(50, 10, 1000)) == pytest.approx(0.68, abs=0.05)
 
 
 def test_walk_with_the_learned_encoder_follows_the_liver(session, liver_encoder, sample_reference):
