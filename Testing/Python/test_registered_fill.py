@@ -319,6 +319,60 @@ def test_walked_slices_are_redrawn_by_registration_from_the_painted_end():
     np.testing.assert_array_equal(result[painted][0][~other], labels[painted][0][~other])
 
 
+def tapering_into_a_neighbour(areas: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """A structure of ``areas[z]`` voxels on slice z (a disk), inside a neighbour of its own intensity: the image
+    (the same bright square on every slice) shows no border for registration to follow."""
+    truth = np.zeros((len(areas), SIZE, SIZE), bool)
+    for z, area in enumerate(areas):
+        if area > 0:
+            truth[z] = disk(32, 32, np.sqrt(area / np.pi))
+    square = np.zeros(truth.shape, bool)
+    square[:, 4:60, 4:60] = True
+    return ndimage.gaussian_filter(100.0 * square.astype(np.float32), (0, 1.5, 1.5)), truth
+
+
+def test_beyond_the_painted_range_a_structure_goes_on_shrinking_as_it_shrank_between_its_outermost_painted_slices():
+    """Where the image shows no border, registration carries the outermost painted mask on unchanged, as large
+    as it was painted, past the structure's end (the left atrium's lower end in one MRI: 3000 voxels drawn on
+    slices holding 1160 to none). Between its two outermost painted slices this structure shrank by 30 voxels
+    a slice: on the walked slices it goes on shrinking at that rate, and the slices where that leaves nothing
+    are emptied."""
+    areas = [0.0, 0.0, 0.0] + [30.0 * z for z in range(1, 14)]  # 30, 60, ... voxels on slices 3, 4, ...
+    image, truth = tapering_into_a_neighbour(areas)
+    painted, walked = [9, 13], [8, 7, 6, 5, 4, 3, 2, 1]
+    labels = np.zeros(truth.shape, np.uint8)
+    labels[painted] = truth[painted]
+    result = labels.copy()
+    result[walked] = truth[9]  # what the walk wrote: the painted end's outline
+    carried_unchanged = dice(result[walked] == 1, truth[walked])
+
+    redraw_beyond_painted(NormalisedSlices(image), result, labels, painted, 1, walked)
+
+    tapered = dice(result[walked] == 1, truth[walked])
+    assert carried_unchanged < 0.75 and tapered > 0.9, f"unchanged {carried_unchanged:.3f}, tapered {tapered:.3f}"
+    assert not np.any(result[1]), "the slices past where the taper ends must be emptied"
+    assert np.sum(result[2]) < 0.05 * np.sum(truth[9])
+    drawn = [int(np.sum(result[z] == 1)) for z in range(3, 10)]
+    assert np.all(np.diff(drawn) >= 0) and drawn[0] < drawn[-1] / 4, f"areas on slices 3-9: {drawn}"
+
+
+def test_beyond_the_painted_range_a_structure_that_widened_towards_its_end_is_not_shrunk():
+    """A structure larger at its outermost painted slice than at the next one (the hip bone's wing) is drawn as
+    registration carries it: the taper only ever takes away."""
+    areas = [300.0 - 15.0 * z for z in range(16)]
+    image, truth = tapering_into_a_neighbour(areas)
+    painted, walked = [9, 13], [8, 7, 6]
+    labels = np.zeros(truth.shape, np.uint8)
+    labels[painted] = truth[painted]
+    result = labels.copy()
+    result[walked] = truth[9]
+
+    redraw_beyond_painted(NormalisedSlices(image), result, labels, painted, 1, walked)
+
+    for z in walked:
+        assert abs(int(np.sum(result[z] == 1)) - int(truth[9].sum())) <= 0.1 * truth[9].sum()
+
+
 def test_re_propagation_registers_only_the_gaps_a_correction_changed(monkeypatch):
     """The user paints one more slice in one gap and propagates again: the other gap comes from the cache,
     and the result is what a fill from scratch gives."""
