@@ -506,7 +506,9 @@ def redraw_beyond_painted(intensities: NormalisedSlices, result: np.ndarray, lab
     stays as large as the painted one up to where the walk stopped, past the structure's end. So where the
     structure shrank from its next painted slice to the outermost one, each drawn slice is eroded (``tapered``)
     to the area that shrinking, continued at the same rate per slice, leaves; slices where it leaves nothing are
-    emptied. A structure that widened towards its end (the hip bone's wing) is not touched.
+    emptied. A structure that widened towards its end (the hip bone's wing) is not touched. On the 31 pairs of the
+    development data this changed 20 of 93 pair/k rows (a left atrium at k = 5 0.905 -> 0.917, the small bowel
+    0.788 -> 0.806, vertebra L1 at k = 3 0.898 -> 0.886; mean at k = 5 0.898 -> 0.899; docs/benchmarks.md).
 
     Args:
         intensities: ``NormalisedSlices`` of the slices.
