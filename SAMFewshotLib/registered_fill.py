@@ -559,4 +559,4 @@ def tapered(mask: np.ndarray, area: float, pixel_spacing: tuple[float, float] | 
     if area >= mask.sum():
         return mask
     depth = ndimage.distance_transform_edt(mask, sampling=pixel_spacing)
-    return depth >= np.sort(depth[mask])[::-1][int(np.ceil(area)) - 1]
+    return depth >= np.sort(depth[mask])[-int(np.ceil(area))]  # as deep as the area-th deepest voxel
